@@ -1,0 +1,1 @@
+"""a1111 backend plugin."""

@@ -1,0 +1,1 @@
+"""comfyui backend plugin."""

@@ -1,0 +1,49 @@
+"""aiobotocore clients for SQS, S3 and SNS, configured from the standard AWS variables."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import NoRegionError
+from types_aiobotocore_s3 import S3Client
+from types_aiobotocore_sns import SNSClient
+from types_aiobotocore_sqs import SQSClient
+
+from sdworker.errors import ConfigError
+
+# Standard retry mode backs off on throttling and 5xx; the read timeout outlasts a 20 s long poll.
+CLIENT_CONFIG = AioConfig(
+    retries={"mode": "standard", "max_attempts": 5},
+    connect_timeout=5,
+    read_timeout=30,
+    max_pool_connections=32,
+)
+
+
+@dataclass(frozen=True)
+class AwsClients:
+    """The three clients a worker uses, sharing one session."""
+
+    sqs: SQSClient
+    s3: S3Client
+    sns: SNSClient
+
+
+@asynccontextmanager
+async def aws_clients() -> AsyncIterator[AwsClients]:
+    """Open SQS, S3 and SNS clients; endpoint, region and credentials follow the AWS variables."""
+    session = get_session()
+    async with AsyncExitStack() as stack:
+        try:
+            sqs = await stack.enter_async_context(session.create_client("sqs", config=CLIENT_CONFIG))
+            s3 = await stack.enter_async_context(session.create_client("s3", config=CLIENT_CONFIG))
+            sns = await stack.enter_async_context(session.create_client("sns", config=CLIENT_CONFIG))
+        except NoRegionError:
+            raise ConfigError(
+                "AWS_REGION is not set: set it (or AWS_DEFAULT_REGION) to the region of the queue"
+            ) from None
+        yield AwsClients(sqs=sqs, s3=s3, sns=sns)

@@ -1,0 +1,82 @@
+"""The plugin manager: built-in and third-party plugins load the same way, from entry points."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from functools import cache
+
+import pluggy
+
+from sdworker import hookspecs
+from sdworker.backend import BackendSpec
+from sdworker.errors import ConfigError
+
+ENTRY_POINT_GROUP = "sdworker"
+TRACE_ENV = "SDWORKER_TRACE_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One loaded plugin, for `sdworker plugins`."""
+
+    name: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+def make_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A manager with our hook specs, every `sdworker` entry point, and optional call tracing."""
+    manager = pluggy.PluginManager("sdworker")
+    manager.add_hookspecs(hookspecs)
+    if load_entry_points:
+        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    if os.environ.get(TRACE_ENV):
+        manager.trace.root.setwriter(lambda message: sys.stderr.write(str(message)))
+        manager.enable_tracing()
+    return manager
+
+
+@cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager, built on first use."""
+    return make_plugin_manager()
+
+
+def backend_specs(manager: pluggy.PluginManager | None = None) -> dict[str, BackendSpec]:
+    """Every backend offered by a plugin, by name; a name offered twice is a `ConfigError`."""
+    specs: dict[str, BackendSpec] = {}
+    for offered in (manager or plugin_manager()).hook.register_backends():
+        for spec in offered:
+            if spec.name in specs:
+                raise ConfigError(f"two plugins offer a backend named {spec.name!r}; uninstall one")
+            specs[spec.name] = spec
+    return specs
+
+
+def find_backend(name: str, manager: pluggy.PluginManager | None = None) -> BackendSpec:
+    """The backend called `name`, or a `ConfigError` that lists the installed ones."""
+    specs = backend_specs(manager)
+    if name not in specs:
+        known = ", ".join(sorted(specs)) or "none"
+        raise ConfigError(
+            f"SDWORKER_BACKEND: no backend named {name!r} is installed (installed: {known}); "
+            "pick one of those or install the plugin that provides it"
+        )
+    return specs[name]
+
+
+def loaded_plugins(manager: pluggy.PluginManager | None = None) -> list[PluginInfo]:
+    """Name, distribution version and implemented hooks of each registered plugin."""
+    manager = manager or plugin_manager()
+    versions = {id(plugin): dist.version for plugin, dist in manager.list_plugin_distinfo()}
+    infos = [
+        PluginInfo(
+            name=name,
+            version=versions.get(id(plugin), "unknown"),
+            hooks=tuple(sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])),
+        )
+        for name, plugin in manager.list_name_plugin()
+    ]
+    return sorted(infos, key=lambda info: info.name)
