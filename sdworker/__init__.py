@@ -1,4 +1,4 @@
-"""sdworker: an asyncio worker for asynchronous image generation on AWS (SQS → backend → S3 + SNS)."""
+"""sdworker: an asyncio worker for asynchronous image generation on AWS."""
 
 from sdworker.backend import (
     Backend,

@@ -39,9 +39,13 @@ async def aws_clients() -> AsyncIterator[AwsClients]:
     session = get_session()
     async with AsyncExitStack() as stack:
         try:
-            sqs = await stack.enter_async_context(session.create_client("sqs", config=CLIENT_CONFIG))
+            sqs = await stack.enter_async_context(
+                session.create_client("sqs", config=CLIENT_CONFIG)
+            )
             s3 = await stack.enter_async_context(session.create_client("s3", config=CLIENT_CONFIG))
-            sns = await stack.enter_async_context(session.create_client("sns", config=CLIENT_CONFIG))
+            sns = await stack.enter_async_context(
+                session.create_client("sns", config=CLIENT_CONFIG)
+            )
         except NoRegionError:
             raise ConfigError(
                 "AWS_REGION is not set: set it (or AWS_DEFAULT_REGION) to the region of the queue"

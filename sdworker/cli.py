@@ -1,0 +1,253 @@
+"""The `sdworker` command line."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from sdworker import cli_output
+from sdworker.errors import ConfigError
+from sdworker.logs import configure_logging
+from sdworker.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="sdworker: take image-generation jobs from SQS, run them on a backend, "
+    "write outputs to S3 and announce results on SNS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+T = TypeVar("T")
+
+QueueUrl = Annotated[str | None, typer.Option(help="Job queue URL [SDWORKER_QUEUE_URL].")]
+Bucket = Annotated[str | None, typer.Option(help="Output bucket [SDWORKER_BUCKET].")]
+TopicArn = Annotated[str | None, typer.Option(help="Result topic ARN [SDWORKER_TOPIC_ARN].")]
+BackendName = Annotated[str | None, typer.Option(help="Backend plugin [SDWORKER_BACKEND].")]
+BackendUrl = Annotated[str | None, typer.Option(help="Backend URL [SDWORKER_BACKEND_URL].")]
+Concurrency = Annotated[
+    int | None, typer.Option(help="Jobs at once (default: the backend's capacity).")
+]
+Prefetch = Annotated[int | None, typer.Option(help="Messages received ahead of time (default 1).")]
+LogFormat = Annotated[str | None, typer.Option(help="json or console [SDWORKER_LOG_FORMAT].")]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any other setting as name=value, e.g. --set max_attempts=5."),
+]
+Config = Annotated[
+    Path | None, typer.Option(help="TOML settings file [SDWORKER_CONFIG].", exists=True)
+]
+
+
+def _settings(config: Path | None, sets: list[str] | None, **flags: Any) -> Settings:
+    """Settings from flags, `--set`, the environment and the TOML file, in that order."""
+    if config:
+        import os
+
+        os.environ["SDWORKER_CONFIG"] = str(config)
+    extra = dict(item.split("=", 1) for item in sets or [] if "=" in item)
+    bad = [item for item in sets or [] if "=" not in item]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: write it as name=value, e.g. --set max_attempts=5")
+    return load_settings(**extra, **flags)
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; a `ConfigError` ends the program with its one-line message."""
+    try:
+        return asyncio.run(coroutine)
+    except ConfigError as error:
+        coroutine.close()
+        typer.secho(f"error: {error}", err=True, fg="red")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    queue_url: QueueUrl = None,
+    bucket: Bucket = None,
+    topic_arn: TopicArn = None,
+    backend: BackendName = None,
+    backend_url: BackendUrl = None,
+    concurrency: Concurrency = None,
+    prefetch: Prefetch = None,
+    log_format: LogFormat = None,
+    config: Config = None,
+    sets: Sets = None,
+) -> None:
+    """Run the worker daemon until SIGTERM or Ctrl-C (a second signal hands back everything)."""
+    from sdworker.app import run_worker
+
+    settings = _guarded(
+        lambda: _settings(
+            config,
+            sets,
+            queue_url=queue_url,
+            bucket=bucket,
+            topic_arn=topic_arn,
+            backend=backend,
+            backend_url=backend_url,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            log_format=log_format,
+        )
+    )
+    configure_logging(settings.log_format, settings.log_level)
+    _run(run_worker(settings))
+
+
+@app.command()
+def dev(
+    backend: Annotated[str, typer.Option(help="Backend plugin to run.")] = "placeholder",
+    port: Annotated[int, typer.Option(help="Port of the local AWS emulator (0: any).")] = 4566,
+    backend_url: BackendUrl = None,
+    sets: Sets = None,
+) -> None:
+    """Local mode: start an AWS emulator on 127.0.0.1 with queue, DLQ, bucket and topics, then
+    the worker against it. Prints the variables that `sdworker submit` and AWS clients need."""
+    from sdworker.local_mode import run_dev
+
+    extra = dict(item.split("=", 1) for item in sets or [] if "=" in item)
+    configure_logging("console", "info")
+    _run(run_dev(port, {"backend": backend, "backend_url": backend_url, **extra}))
+
+
+@app.command()
+def demo(
+    backend: Annotated[str, typer.Option(help="Backend plugin to run.")] = "placeholder",
+    jobs: Annotated[int, typer.Option(help="How many jobs to submit.", min=1)] = 4,
+    out: Annotated[Path, typer.Option(help="Folder for the outputs.")] = Path("demo-output"),
+) -> None:
+    """The main job end to end on this machine, no AWS account or GPU: local AWS, a worker,
+    a few jobs submitted, outputs saved to a folder, and a summary table."""
+    from sdworker.local_mode import run_demo
+
+    configure_logging("console", "warning")
+    results = _run(run_demo(backend, jobs, out))
+    cli_output.print_demo(results)
+    failed = [r.job_id for r in results if r.body.get("status") != "succeeded"]
+    cli_output.console.print(
+        f"{len(results) - len(failed)} of {len(results)} jobs succeeded; outputs in {out}/"
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str | None, typer.Option(help="Prompt of a txt2img/img2img job.")] = None,
+    task: Annotated[
+        str, typer.Option(help="txt2img, img2img, inpaint, upscale, workflow.")
+    ] = "txt2img",
+    job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a new one).")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="A param as name=value (JSON values).")
+    ] = None,
+    input_: Annotated[
+        list[str] | None, typer.Option("--input", help="An input as name=uri.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="JSON file with a job or a list of jobs.", exists=True)
+    ] = None,
+    count: Annotated[
+        int, typer.Option(help="Submit this many copies (ids get -0, -1, ...).", min=1)
+    ] = 1,
+    topic: Annotated[
+        str | None, typer.Option(help="Publish to this input topic instead of the queue.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow progress, print results, download outputs.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Where --wait saves outputs.")] = Path(
+        "sdworker-output"
+    ),
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits for results.")] = 600,
+    results_queue: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SDWORKER_RESULTS_QUEUE_URL",
+            help="Queue subscribed to the result topic, for live progress with --wait.",
+        ),
+    ] = None,
+) -> None:
+    """Send jobs to the queue (or an input topic); with --wait, show progress and fetch outputs."""
+    from sdworker.submit import SubmitOptions, submit_jobs
+
+    settings = _guarded(load_settings)
+    jobs = _guarded(
+        lambda: _jobs(
+            file=file,
+            prompt=prompt,
+            task=task,
+            job_id=job_id,
+            params=param,
+            inputs=input_,
+            count=count,
+        )
+    )
+    options = SubmitOptions(topic, wait, out, timeout, results_queue)
+    if not _run(submit_jobs(settings, jobs, options)):
+        raise typer.Exit(1)
+
+
+def _jobs(
+    *,
+    file: Path | None,
+    prompt: str | None,
+    task: str,
+    job_id: str | None,
+    params: list[str] | None,
+    inputs: list[str] | None,
+    count: int,
+) -> list[dict[str, Any]]:
+    from sdworker.submit import jobs_from_file, jobs_from_flags
+
+    if file:
+        return jobs_from_file(file)
+    return jobs_from_flags(
+        prompt, task, job_id=job_id, params=params or [], inputs=inputs or [], count=count
+    )
+
+
+@app.command()
+def plugins() -> None:
+    """List installed backends (with their tasks) and plugins (with versions and hooks)."""
+    from sdworker.plugins import backend_specs, loaded_plugins
+
+    specs = _guarded(backend_specs)
+    cli_output.print_plugins(specs.values(), loaded_plugins())
+
+
+@app.command()
+def check(
+    backend: Annotated[bool, typer.Option(help="Also start the backend and wait for it.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the backend.")] = 30,
+    config: Config = None,
+    sets: Sets = None,
+) -> None:
+    """Pre-flight: settings valid, queue/DLQ/bucket/topic reachable, backend ready. Exit 0 or 1."""
+    from sdworker.check import run_checks
+
+    settings = _guarded(lambda: _settings(config, sets))
+    configure_logging(settings.log_format, "warning")
+    results = _run(run_checks(settings, backend=backend, timeout_s=timeout))
+    cli_output.print_check(results)
+    if not all(ok for _, ok, _ in results):
+        raise typer.Exit(1)
+
+
+def _guarded(build: Callable[[], T]) -> T:
+    """Call `build`; a `ConfigError` ends the program with its one-line message."""
+    try:
+        return build()
+    except ConfigError as error:
+        typer.secho(f"error: {error}", err=True, fg="red")
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    """Entry point of the `sdworker` script."""
+    app()

@@ -1,15 +1,15 @@
 """Every error sdworker raises on purpose, in one tree.
 
-    SdworkerError
-    ├── ConfigError            a setting is missing or wrong; start-up stops
-    └── JobError               one job failed; the worker lives on
-        ├── PermanentError     retrying cannot help: failed at once, message kept in the DLQ
-        │   ├── InvalidJob         the message is not a valid job (names the field)
-        │   ├── UnsupportedJob     no such backend here, or the backend lacks the task
-        │   └── InputRefused       an input URI was refused or could not be read
-        ├── RetryableError     may succeed later: released with backoff until max attempts
-        │   └── BackendUnavailable the backend is down, busy or timed out
-        └── JobInterrupted     stopped on purpose (shutdown, deadline): handed back
+SdworkerError
+├── ConfigError            a setting is missing or wrong; start-up stops
+└── JobError               one job failed; the worker lives on
+    ├── PermanentError     retrying cannot help: failed at once, message kept in the DLQ
+    │   ├── InvalidJob         the message is not a valid job (names the field)
+    │   ├── UnsupportedJob     no such backend here, or the backend lacks the task
+    │   └── InputRefused       an input URI was refused or could not be read
+    ├── RetryableError     may succeed later: released with backoff until max attempts
+    │   └── BackendUnavailable the backend is down, busy or timed out
+    └── JobInterrupted     stopped on purpose (shutdown, deadline): handed back
 """
 
 from __future__ import annotations

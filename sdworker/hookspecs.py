@@ -25,9 +25,7 @@ def prepare_job(request: JobRequest) -> JobRequest | None:
 
 
 @hookspec
-def process_outputs(
-    request: JobRequest, result: BackendResult
-) -> BackendResult | None:
+def process_outputs(request: JobRequest, result: BackendResult) -> BackendResult | None:
     """After a job ran, before upload: return changed outputs, or None to leave them."""
     raise NotImplementedError  # a specification: pluggy never calls it
 

@@ -47,9 +47,7 @@ class LocalAws:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
-            raise ConfigError(
-                "local AWS needs moto: pip install 'sdworker[local]'"
-            ) from None
+            raise ConfigError("local AWS needs moto: pip install 'sdworker[local]'") from None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
         host, bound_port = self._server.get_host_and_port()

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import pluggy
+import structlog
 
 from sdworker import hookspecs
-from sdworker.backend import BackendSpec
+from sdworker.backend import BackendResult, BackendSpec, JobRequest
 from sdworker.errors import ConfigError
 
 ENTRY_POINT_GROUP = "sdworker"
 TRACE_ENV = "SDWORKER_TRACE_PLUGINS"
+
+log = structlog.get_logger("sdworker.plugins")
 
 
 @dataclass(frozen=True)
@@ -80,3 +85,31 @@ def loaded_plugins(manager: pluggy.PluginManager | None = None) -> list[PluginIn
         for name, plugin in manager.list_name_plugin()
     ]
     return sorted(infos, key=lambda info: info.name)
+
+
+class PluginHooks:
+    """The job-path hooks, typed: each plugin's result is handed to the next plugin."""
+
+    def __init__(self, manager: pluggy.PluginManager | None = None) -> None:
+        self.manager = manager or plugin_manager()
+
+    def prepare_job(self, request: JobRequest) -> JobRequest:
+        """Let every `prepare_job` implementation change the request in turn."""
+        for impl in reversed(self.manager.hook.prepare_job.get_hookimpls()):
+            request = impl.function(request=request) or request
+        return request
+
+    def process_outputs(self, request: JobRequest, result: BackendResult) -> BackendResult:
+        """Let every `process_outputs` implementation change the outputs in turn."""
+        for impl in reversed(self.manager.hook.process_outputs.get_hookimpls()):
+            result = impl.function(request=request, result=result) or result
+        return result
+
+    async def job_finished(self, notification: dict[str, Any]) -> None:
+        """Tell every `job_finished` implementation; its failures are logged, never raised."""
+        try:
+            for outcome in self.manager.hook.job_finished(notification=notification):
+                if inspect.isawaitable(outcome):
+                    await outcome
+        except Exception:
+            log.exception("a job_finished hook failed")

@@ -9,9 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    NoDecode,
     TomlConfigSettingsSource,
 )
 
@@ -125,7 +125,9 @@ def load_settings(**overrides: Any) -> Settings:
     """Settings from every source, or a one-line `ConfigError` naming the setting and the fix."""
     config_file = os.environ.get("SDWORKER_CONFIG")
     if config_file and not os.path.isfile(config_file):
-        raise ConfigError(f"SDWORKER_CONFIG: no such file {config_file!r}; fix the path or unset it")
+        raise ConfigError(
+            f"SDWORKER_CONFIG: no such file {config_file!r}; fix the path or unset it"
+        )
     try:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as error:

@@ -1,0 +1,50 @@
+"""structlog set-up: JSON in production, console in dev; secrets never reach a log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = frozenset({"receipt_handle", "ReceiptHandle", "aws_secret_access_key", "token"})
+_PRESIGNED = re.compile(
+    r"(https?://[^\s?\"']+)\?[^\s\"']*(X-Amz-Signature|Signature=|X-Amz-Credential)[^\s\"']*"
+)
+
+
+def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Drop secret fields and cut the query string off presigned URLs."""
+    for key in list(event):
+        if key in _SECRET_KEYS:
+            event[key] = "[redacted]"
+        elif isinstance(event[key], str):
+            event[key] = _PRESIGNED.sub(r"\1?[redacted]", event[key])
+    return event
+
+
+def configure_logging(log_format: str = "json", level: str = "info") -> None:
+    """Route structlog (and the standard library's warnings and errors) to stderr."""
+    numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")

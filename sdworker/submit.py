@@ -1,0 +1,130 @@
+"""`sdworker submit`: build jobs from flags or a file, send them, optionally follow them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+from sdworker.aws import aws_clients
+from sdworker.cli_output import console, print_results
+from sdworker.client import Follower, download, new_job, output_uris, send_jobs
+from sdworker.errors import ConfigError
+from sdworker.settings import Settings
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """How to send and whether to follow."""
+
+    topic_arn: str | None
+    wait: bool
+    out: Path
+    timeout_s: float
+    results_queue_url: str | None
+
+
+def jobs_from_flags(
+    prompt: str | None,
+    task: str,
+    *,
+    job_id: str | None,
+    params: list[str],
+    inputs: list[str],
+    count: int,
+) -> list[dict[str, Any]]:
+    """Jobs built from `--prompt`, `--param name=value` and `--input name=uri`."""
+    values = {"prompt": prompt or "", **dict(_pair("--param", item, parse=True) for item in params)}
+    files = dict(_pair("--input", item) for item in inputs)
+    base = new_job(task, job_id, params=values, inputs=files)
+    if count == 1:
+        return [base]
+    return [{**base, "id": f"{base['id']}-{n}"} for n in range(count)]
+
+
+def _pair(flag: str, item: str, *, parse: bool = False) -> tuple[str, Any]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"{flag} {item!r}: write it as name=value")
+    if not parse:
+        return name, value
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def jobs_from_file(path: Path) -> list[dict[str, Any]]:
+    """A job, or a list of jobs, from a JSON file."""
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--file {path}: not JSON ({error})") from None
+    jobs = loaded if isinstance(loaded, list) else [loaded]
+    if not all(isinstance(job, dict) for job in jobs):
+        raise ConfigError(f"--file {path}: expected a job object or a list of job objects")
+    return jobs
+
+
+async def submit_jobs(
+    settings: Settings, jobs: list[dict[str, Any]], options: SubmitOptions
+) -> bool:
+    """Send the jobs; with `wait`, follow them and download outputs. True if none failed."""
+    if not options.topic_arn:
+        settings.require("queue_url")
+    async with aws_clients() as clients:
+        ids = await send_jobs(
+            clients, jobs, queue_url=settings.queue_url, topic_arn=options.topic_arn
+        )
+        console.print(f"submitted {len(ids)} job(s): {', '.join(ids)}")
+        if not options.wait:
+            return True
+        settings.require("bucket")
+        assert settings.bucket is not None
+        with _ProgressBars(ids) as bars:
+            follower = Follower(
+                clients, settings.bucket, settings.prefix, options.results_queue_url, bars.update
+            )
+            bodies = await follower.wait(ids, options.timeout_s)
+        files = {
+            job_id: [str(path) for path in await download(clients, output_uris(body), options.out)]
+            for job_id, body in bodies.items()
+        }
+    print_results(bodies.values(), files)
+    return all(body.get("status") in ("succeeded", "completed") for body in bodies.values())
+
+
+class _ProgressBars:
+    """One progress bar per job, moved by `progress` and final notifications."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        self.tasks: dict[str, TaskID] = {
+            job_id: self.progress.add_task(job_id, total=1.0, status="queued") for job_id in ids
+        }
+
+    def __enter__(self) -> _ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.progress.stop()
+
+    def update(self, body: dict[str, Any]) -> None:
+        """Move the bar of the job a notification is about."""
+        task = self.tasks.get(str(body.get("id")))
+        if task is None:
+            return
+        status = str(body.get("status"))
+        fraction = body.get("progress", {}).get("fraction")
+        if status in ("succeeded", "completed", "failed"):
+            fraction = 1.0
+        self.progress.update(task, completed=fraction or 0.0, status=status)

@@ -1,0 +1,530 @@
+"""The consumer: receive → prepare (parse, inputs) → generate → record, pipelined and bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from sdworker import notifications
+from sdworker.backend import (
+    Backend,
+    BackendResult,
+    InputFile,
+    JobRequest,
+    Progress,
+    ProgressCallback,
+)
+from sdworker.errors import (
+    BackendUnavailable,
+    InvalidJob,
+    JobError,
+    JobInterrupted,
+    RetryableError,
+    UnsupportedJob,
+)
+from sdworker.inputs import InputFetcher
+from sdworker.jobs import Job, parse_message
+from sdworker.notifications import Body
+from sdworker.plugins import PluginHooks
+from sdworker.queue import Delivery, Heartbeat, JobQueue
+from sdworker.settings import Settings
+from sdworker.storage import Location, ResultStore
+
+log = structlog.get_logger("sdworker.worker")
+
+_AWS_ERRORS = (ClientError, BotoCoreError, OSError)
+_MAX_BACKOFF_S = 900
+_INTERRUPT_GRACE_S = 5.0
+
+
+@dataclass
+class Work:
+    """One received message on its way through the worker."""
+
+    delivery: Delivery
+    job: Job | None = None
+    location: Location | None = None
+    request: JobRequest | None = None
+    timings_ms: dict[str, int] = field(default_factory=dict)
+    progress: Progress | None = None
+    progress_sent_at: float = 0.0
+
+    @property
+    def job_id(self) -> str | None:
+        """The job id, once known."""
+        return self.job.spec.id if self.job else None
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery of this message this is (SQS's receive count)."""
+        return self.delivery.receive_count
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The backend produced outputs."""
+
+    result: BackendResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed; `error` says whether a retry may help."""
+
+    error: JobError
+
+
+@dataclass(frozen=True)
+class HandBack:
+    """The job was interrupted on purpose; its message goes back to the queue."""
+
+
+Outcome = Succeeded | Failed | HandBack
+
+
+class LeaveForOthers(Exception):
+    """The job is for a backend this worker does not run, and such jobs are left to others."""
+
+
+class Worker:
+    """Takes jobs from one queue and runs them on one backend until `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: JobQueue,
+        store: ResultStore,
+        fetcher: InputFetcher,
+        backend: Backend,
+        hooks: PluginHooks,
+        dlq_url: str,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.fetcher = fetcher
+        self.backend = backend
+        self.hooks = hooks
+        self.dlq_url = dlq_url
+        self.heartbeat = Heartbeat(queue)
+        self.capacity = settings.concurrency or backend.capacity
+        self.limit = self.capacity + settings.prefetch
+        self._ready: asyncio.Queue[Work | None] = asyncio.Queue()
+        self._room = asyncio.Condition()
+        self._holding = 0
+        self._unstarted: dict[str, Delivery] = {}
+        self._running: dict[str, Work] = {}
+        self._preparing: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
+
+    @property
+    def taking_work(self) -> bool:
+        """False from the first moment of shutdown."""
+        return not self._stopping.is_set()
+
+    def stop(self) -> None:
+        """First call: stop intake and drain. Second call: interrupt and hand back everything."""
+        if self._stopping.is_set():
+            log.warning("second stop signal: handing back every job now")
+            self._hurry.set()
+        else:
+            log.info("stopping: no new messages; handing back what has not started")
+            self._stopping.set()
+
+    async def serve(self) -> None:
+        """Run until `stop()`, then drain within the shutdown deadline."""
+        heartbeat = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
+        runners = [
+            asyncio.create_task(self._runner(), name=f"runner-{n}") for n in range(self.capacity)
+        ]
+        intake = asyncio.create_task(self._intake(), name="intake")
+        log.info(
+            "worker started",
+            backend=self.backend.name,
+            capacity=self.capacity,
+            prefetch=self.settings.prefetch,
+            queue=self.queue.url,
+        )
+        await self._stopping.wait()
+        try:
+            await self._drain(intake, runners)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        log.info("worker stopped")
+
+    # intake -------------------------------------------------------------------------------
+
+    async def _intake(self) -> None:
+        failures = 0
+        while True:
+            async with self._room:
+                await self._room.wait_for(lambda: self._holding < self.limit)
+                wanted = self.limit - self._holding
+            try:
+                deliveries = await self.queue.receive(wanted)
+                failures = 0
+            except _AWS_ERRORS as error:
+                failures += 1
+                log.warning("receive failed; retrying", error=str(error), attempt=failures)
+                await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                continue
+            for delivery in deliveries:
+                self._accept(delivery)
+
+    def _accept(self, delivery: Delivery) -> None:
+        if self.heartbeat.is_held(delivery.message_id):
+            self.heartbeat.hold(delivery)  # a duplicate delivery: keep the newest receipt handle
+            log.info("duplicate delivery of a held message ignored", message_id=delivery.message_id)
+            return
+        self.heartbeat.hold(delivery)
+        self._holding += 1
+        self._unstarted[delivery.message_id] = delivery
+        self._spawn(self._prepare(delivery), self._preparing)
+
+    # prepare ------------------------------------------------------------------------------
+
+    async def _prepare(self, delivery: Delivery) -> None:
+        work = Work(delivery=delivery, timings_ms=_queued(delivery))
+        with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
+            try:
+                await self._prepare_work(work)
+            except LeaveForOthers:
+                await self._give_up_slot(work)
+                await self._hand_back([delivery], delay_s=int(self.settings.retry_backoff))
+            except JobError as error:
+                await self._give_up_slot(work)
+                self._spawn(self._record(work, Failed(error)), self._recording)
+            except _AWS_ERRORS as error:
+                log.warning("could not prepare the job; handing it back", error=str(error))
+                await self._give_up_slot(work)
+                await self._hand_back([delivery], delay_s=self._backoff(work.attempt))
+
+    async def _prepare_work(self, work: Work) -> None:
+        try:
+            work.job = parse_message(work.delivery.body)
+        except InvalidJob as error:
+            log.warning("invalid job message", error=str(error), job_id=error.job_id)
+            raise
+        structlog.contextvars.bind_contextvars(job_id=work.job.spec.id)
+        self._check_routing(work.job)
+        work.location = self.store.location(work.job)
+        self.store.topic(work.job)
+        if await self._already_done(work):
+            return
+        started = time.monotonic()
+        inputs = await self.fetcher.fetch_all(
+            {name: uri for name, uri in work.job.spec.inputs.items() if uri}
+        )
+        work.timings_ms["inputs"] = _ms_since(started)
+        work.request = _request(work, inputs)
+        await self._ready.put(work)
+
+    def _check_routing(self, job: Job) -> None:
+        wanted = job.spec.backend
+        if wanted and wanted != self.backend.name:
+            if self.settings.foreign_jobs == "leave":
+                raise LeaveForOthers(wanted)
+            raise UnsupportedJob(
+                f"backend: this worker runs {self.backend.name!r}, not {wanted!r}; send the job "
+                "to a queue served by that backend, or leave `backend` out"
+            )
+        if job.spec.task not in self.backend.tasks:
+            supported = ", ".join(sorted(self.backend.tasks))
+            raise UnsupportedJob(
+                f"task: the {self.backend.name} backend does not run {job.spec.task!r}; "
+                f"it runs {supported}"
+            )
+
+    async def _already_done(self, work: Work) -> bool:
+        assert work.job is not None and work.location is not None
+        previous = await self.store.previous_result(work.location)
+        if not previous or previous.get("status") not in ("succeeded", "completed"):
+            return False
+        log.info("job already done; announcing its result again")
+        await self.store.publish(self.store.topic(work.job), previous)
+        await self._give_up_slot(work)
+        await self._finish(work.delivery)
+        return True
+
+    # generate -----------------------------------------------------------------------------
+
+    async def _runner(self) -> None:
+        while (work := await self._ready.get()) is not None:
+            self._unstarted.pop(work.delivery.message_id, None)
+            assert work.job is not None
+            with structlog.contextvars.bound_contextvars(job_id=work.job.spec.id):
+                outcome = await self._execute(work)
+                self._spawn(self._record(work, outcome), self._recording)
+
+    async def _execute(self, work: Work) -> Outcome:
+        assert work.job is not None and work.request is not None
+        self._running[work.job.spec.id] = work
+        try:
+            if self.settings.notify_running:
+                self._spawn(self._announce(work, notifications.running), self._recording)
+            return await self._generate(work, self.hooks.prepare_job(work.request))
+        finally:
+            self._running.pop(work.job.spec.id, None)
+            await self._give_up_slot(work)
+
+    async def _generate(self, work: Work, request: JobRequest) -> Outcome:
+        started = time.monotonic()
+        log.info("generating", task=request.task, attempt=request.attempt)
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                result = await self.backend.run(request, self._progress_callback(work))
+        except TimeoutError:
+            await self.backend.interrupt(request.id)
+            return Failed(
+                RetryableError(
+                    f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
+                )
+            )
+        except JobInterrupted:
+            return HandBack()
+        except JobError as error:
+            return Failed(error)
+        except Exception as error:  # a backend bug must not take the worker down
+            log.exception("backend raised an unexpected error")
+            return Failed(BackendUnavailable(f"the {self.backend.name} backend failed: {error!r}"))
+        work.timings_ms["generate"] = _ms_since(started)
+        return Succeeded(self.hooks.process_outputs(request, result))
+
+    def _progress_callback(self, work: Work) -> ProgressCallback:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def report(progress: Progress) -> None:
+            if threading.get_ident() == loop_thread:
+                self._on_progress(work, progress)
+            else:
+                loop.call_soon_threadsafe(self._on_progress, work, progress)
+
+        return report
+
+    def _on_progress(self, work: Work, progress: Progress) -> None:
+        work.progress = progress
+        interval = self.settings.progress_interval
+        now = time.monotonic()
+        if interval and now - work.progress_sent_at >= interval:
+            work.progress_sent_at = now
+            announce = functools.partial(_with_progress, reading=progress)
+            self._spawn(self._announce(work, announce), self._recording)
+
+    # record -------------------------------------------------------------------------------
+
+    async def _record(self, work: Work, outcome: Outcome) -> None:
+        try:
+            if isinstance(outcome, Succeeded):
+                await self._record_success(work, outcome.result)
+            elif isinstance(outcome, Failed):
+                await self._record_failure(work, outcome.error)
+            else:
+                await self._hand_back([work.delivery])
+        except _AWS_ERRORS as error:
+            log.error("could not record the outcome; handing the message back", error=str(error))
+            await self._hand_back([work.delivery], delay_s=self._backoff(work.attempt))
+
+    async def _record_success(self, work: Work, result: BackendResult) -> None:
+        assert work.job is not None and work.location is not None
+        started = time.monotonic()
+        stored = await self.store.put_outputs(
+            work.location, result.outputs, work.job.spec.output.format
+        )
+        work.timings_ms["upload"] = _ms_since(started)
+        work.timings_ms["total"] = _total_ms(work)
+        body = notifications.succeeded(
+            work.job,
+            self._meta(work),
+            outputs=stored,
+            result_uri=work.location.uri("result.json"),
+            info=dict(result.info),
+            timings_ms=work.timings_ms,
+        )
+        await self._conclude(work, body)
+        log.info("job succeeded", outputs=len(stored), timings_ms=work.timings_ms)
+
+    async def _record_failure(self, work: Work, error: JobError) -> None:
+        if error.retryable and work.attempt < self.settings.max_attempts:
+            delay = self._backoff(work.attempt)
+            log.warning(
+                "job failed; will retry", error=str(error), attempt=work.attempt, retry_in_s=delay
+            )
+            await self._hand_back([work.delivery], delay_s=delay)
+            return
+        if error.retryable:
+            error = type(error)(f"{error} (gave up after {work.attempt} attempts)", code=error.code)
+        log.error("job failed", error=str(error), code=error.code, attempt=work.attempt)
+        await self.queue.send_to(self.dlq_url, work.delivery, f"{error.code}: {error}")
+        job_id = work.job_id or (error.job_id if isinstance(error, InvalidJob) else None)
+        if job_id is None:
+            await self._finish(work.delivery)
+            return
+        result_uri = work.location.uri("result.json") if work.location else None
+        body = notifications.failed(work.job or job_id, error, self._meta(work), result_uri=result_uri)
+        await self._conclude(work, body)
+
+    async def _conclude(self, work: Work, body: dict[str, object]) -> None:
+        """Write result.json, publish, delete: the outcome is recorded only when all three are."""
+        location = work.location or self._default_location(body)
+        if location is not None:
+            await self.store.put_result(location, body)
+        await self.store.publish(self._topic(work), body)
+        await self._finish(work.delivery)
+        await self.hooks.job_finished(body)
+
+    def _default_location(self, body: dict[str, object]) -> Location | None:
+        job_id = body.get("id")
+        if not isinstance(job_id, str) or not self.settings.bucket:
+            return None
+        folder = "/".join(part for part in (self.settings.prefix.strip("/"), job_id) if part)
+        return Location(bucket=self.settings.bucket, folder=folder)
+
+    def _topic(self, work: Work) -> str | None:
+        try:
+            return self.store.topic(work.job)
+        except JobError:
+            return self.settings.topic_arn
+
+    async def _announce(self, work: Work, build: Callable[[Job, notifications.Meta], Body]) -> None:
+        assert work.job is not None
+        try:
+            await self.store.publish(self._topic(work), build(work.job, self._meta(work)))
+        except _AWS_ERRORS as error:
+            log.warning("could not publish a status notification", error=str(error))
+
+    def _meta(self, work: Work) -> notifications.Meta:
+        return notifications.Meta(
+            attempt=work.attempt,
+            backend=self.backend.name,
+            worker=self.settings.worker_id,
+            runtime_name=self.settings.runtime_name,
+        )
+
+    # acknowledgement ----------------------------------------------------------------------
+
+    async def _finish(self, delivery: Delivery) -> None:
+        self.heartbeat.drop([delivery])
+        await self.queue.delete(delivery)
+
+    async def _hand_back(self, deliveries: list[Delivery], delay_s: int = 0) -> None:
+        if not deliveries:
+            return
+        self.heartbeat.drop(deliveries)
+        try:
+            await self.queue.release(deliveries, delay_s)
+        except _AWS_ERRORS as error:
+            log.error(
+                "could not hand messages back; they reappear after their visibility timeout",
+                error=str(error),
+                count=len(deliveries),
+            )
+            return
+        log.info("handed back", count=len(deliveries), visible_in_s=delay_s)
+
+    async def _give_up_slot(self, work: Work) -> None:
+        self._unstarted.pop(work.delivery.message_id, None)
+        async with self._room:
+            self._holding -= 1
+            self._room.notify_all()
+
+    def _backoff(self, attempt: int) -> int:
+        return int(min(_MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** max(0, attempt - 1)))
+
+    def _spawn(self, coroutine: Awaitable[None], group: set[asyncio.Task[None]]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        group.add(task)
+        task.add_done_callback(group.discard)
+
+    # shutdown -----------------------------------------------------------------------------
+
+    async def _drain(self, intake: asyncio.Task[None], runners: list[asyncio.Task[None]]) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_deadline
+        await _cancel([intake, *self._preparing])
+        while not self._ready.empty():
+            self._ready.get_nowait()
+        for _ in runners:
+            self._ready.put_nowait(None)
+        await self._hand_back(list(self._unstarted.values()))
+        self._unstarted.clear()
+        await self._wait_for_running(runners, deadline)
+        if self._recording:
+            await asyncio.wait(set(self._recording), timeout=max(1.0, deadline - time.monotonic()))
+
+    async def _wait_for_running(self, runners: list[asyncio.Task[None]], deadline: float) -> None:
+        if self._running:
+            log.info(
+                "waiting for running jobs",
+                jobs=list(self._running),
+                deadline_s=round(deadline - time.monotonic(), 1),
+            )
+        all_done = asyncio.create_task(asyncio.wait(runners))
+        hurry = asyncio.create_task(self._hurry.wait())
+        await asyncio.wait(
+            [all_done, hurry],
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        await _cancel([all_done, hurry])
+        if not all(runner.done() for runner in runners):
+            await self._interrupt_running(runners)
+
+    async def _interrupt_running(self, runners: list[asyncio.Task[None]]) -> None:
+        running = list(self._running.values())
+        log.warning("interrupting running jobs to hand them back", jobs=[w.job_id for w in running])
+        for work in running:
+            await self.backend.interrupt(work.job_id or "")
+        _, pending = await asyncio.wait(runners, timeout=_INTERRUPT_GRACE_S)
+        if pending:
+            await _cancel(list(pending))
+            await self._hand_back([work.delivery for work in running])
+
+
+def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:
+    assert work.job is not None
+    spec = work.job.spec
+    return JobRequest(
+        id=spec.id,
+        task=spec.task,
+        params=spec.params.model_dump(),
+        inputs=inputs,
+        workflow=spec.workflow,
+        native=spec.native,
+        attempt=work.attempt,
+        timeout_s=spec.timeout_s,
+    )
+
+
+def _queued(delivery: Delivery) -> dict[str, int]:
+    queued = delivery.queued_ms
+    return {} if queued is None else {"queued": queued}
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _total_ms(work: Work) -> int:
+    return work.timings_ms.get("queued", 0) + _ms_since(work.delivery.received_at)
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _with_progress(job: Job, meta: notifications.Meta, *, reading: Progress) -> Body:
+    return notifications.progress(job, meta, reading)

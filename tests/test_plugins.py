@@ -1,0 +1,261 @@
+"""The plugin manager: entry-point discovery, the built-in backends, tracing and every hook."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from sdworker import hookspecs
+from sdworker.backend import BackendResult, BackendSpec, JobRequest, Output
+from sdworker.errors import ConfigError
+from sdworker.hookspecs import hookimpl
+from sdworker.plugins import TRACE_ENV, backend_specs, find_backend, make_plugin_manager
+from sdworker.settings import Settings
+from sdworker.testing import FakeBackend
+
+BUILT_IN = {"placeholder", "a1111", "comfyui", "diffusers"}
+NOT_IMPLEMENTED = ["a1111", "comfyui", "diffusers"]
+EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
+
+
+class _Stamp:
+    """A plugin implementing the per-job hooks: it marks requests and results it sees."""
+
+    def __init__(self) -> None:
+        self.finished: list[dict[str, Any]] = []
+
+    @hookimpl
+    def register_backends(self) -> list[BackendSpec]:
+        """Offer a fake backend called `stamp`."""
+        return [FakeBackend(name="stamp").spec()]
+
+    @hookimpl
+    def prepare_job(self, request: JobRequest) -> JobRequest:
+        """Add a parameter."""
+        return replace(request, params={**request.params, "stamped": True})
+
+    @hookimpl
+    def process_outputs(self, request: JobRequest, result: BackendResult) -> BackendResult:
+        """Add an info entry."""
+        return replace(result, info={**result.info, "stamped": request.id})
+
+    @hookimpl
+    def job_finished(self, notification: dict[str, Any]) -> Awaitable[None]:
+        """Record the notification, asynchronously."""
+
+        async def record() -> None:
+            self.finished.append(notification)
+
+        return record()
+
+
+@pytest.fixture
+def stamped() -> tuple[pluggy.PluginManager, _Stamp]:
+    """A manager without entry points, holding only the stamp plugin."""
+    manager = make_plugin_manager(load_entry_points=False)
+    plugin = _Stamp()
+    manager.register(plugin, name="stamp")
+    return manager, plugin
+
+
+def test_the_built_in_backends_are_discovered() -> None:
+    """placeholder, a1111, comfyui and diffusers come in through the entry points."""
+    assert set(backend_specs(make_plugin_manager())) >= BUILT_IN
+
+
+def test_no_backend_is_known_without_entry_points() -> None:
+    """The built-in backends are plugins like any other: none without entry points."""
+    assert backend_specs(make_plugin_manager(load_entry_points=False)) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "tasks"),
+    [
+        ("placeholder", {"txt2img", "img2img", "upscale"}),
+        ("a1111", {"txt2img", "img2img", "inpaint", "upscale"}),
+        ("comfyui", {"workflow", "txt2img", "img2img", "inpaint"}),
+        ("diffusers", {"txt2img", "img2img", "inpaint", "upscale"}),
+    ],
+)
+def test_each_built_in_backend_declares_its_tasks(name: str, tasks: set[str]) -> None:
+    """Each built-in spec and the backend it builds declare the expected tasks."""
+    spec = find_backend(name, make_plugin_manager())
+    assert spec.tasks == tasks
+    assert spec.factory(Settings()).tasks == tasks
+
+
+def test_an_unknown_backend_lists_the_installed_ones() -> None:
+    """find_backend on an unknown name raises a ConfigError naming the installed backends."""
+    with pytest.raises(ConfigError, match=r"SDWORKER_BACKEND.*'nope'.*a1111.*placeholder"):
+        find_backend("nope", make_plugin_manager())
+
+
+@pytest.mark.parametrize("name", NOT_IMPLEMENTED)
+async def test_an_unimplemented_backend_refuses_to_start(name: str) -> None:
+    """start() raises a ConfigError that points to the placeholder backend."""
+    backend = find_backend(name, make_plugin_manager()).factory(Settings())
+    with pytest.raises(
+        ConfigError, match=rf"the {name} backend is not implemented yet.*placeholder"
+    ):
+        await backend.start()
+    assert not backend.ready
+
+
+def test_the_backend_plugins_import_nothing_heavy() -> None:
+    """Loading every plugin imports neither torch nor diffusers."""
+    script = (
+        "import sys; from sdworker.plugins import backend_specs; backend_specs(); "
+        "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_hook_calls_are_traced_to_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With SDWORKER_TRACE_PLUGINS set, each hook call is written to stderr."""
+    monkeypatch.setenv(TRACE_ENV, "1")
+    manager = make_plugin_manager(load_entry_points=False)
+    manager.register(_Stamp(), name="stamp")
+    manager.hook.register_backends()
+    assert "register_backends" in capsys.readouterr().err
+
+
+def test_hook_register_backends_offers_a_plugins_backends(
+    stamped: tuple[pluggy.PluginManager, _Stamp],
+) -> None:
+    """A plugin's register_backends result shows up in backend_specs."""
+    manager, _ = stamped
+    assert list(backend_specs(manager)) == ["stamp"]
+
+
+def test_hook_register_backends_refuses_a_name_offered_twice(
+    stamped: tuple[pluggy.PluginManager, _Stamp],
+) -> None:
+    """Two plugins offering one backend name is a ConfigError naming it."""
+    manager, _ = stamped
+    manager.register(_Stamp(), name="stamp-again")
+    with pytest.raises(ConfigError, match="'stamp'"):
+        backend_specs(manager)
+
+
+def test_hook_prepare_job_can_change_the_request(
+    stamped: tuple[pluggy.PluginManager, _Stamp],
+) -> None:
+    """prepare_job returns the changed request."""
+    manager, _ = stamped
+    [changed] = manager.hook.prepare_job(request=JobRequest(id="j", task="txt2img"))
+    assert changed.params == {"stamped": True}
+
+
+def test_hook_process_outputs_can_change_the_result(
+    stamped: tuple[pluggy.PluginManager, _Stamp],
+) -> None:
+    """process_outputs returns the changed result."""
+    manager, _ = stamped
+    result = BackendResult([Output(b"png")])
+    [changed] = manager.hook.process_outputs(
+        request=JobRequest(id="j", task="txt2img"), result=result
+    )
+    assert changed.info == {"stamped": "j"}
+    assert changed.outputs == result.outputs
+
+
+async def test_hook_job_finished_may_return_an_awaitable(
+    stamped: tuple[pluggy.PluginManager, _Stamp],
+) -> None:
+    """job_finished results can be awaited, and then the plugin has seen the notification."""
+    manager, plugin = stamped
+    for outcome in manager.hook.job_finished(notification={"id": "j", "status": "succeeded"}):
+        await outcome
+    assert plugin.finished == [{"id": "j", "status": "succeeded"}]
+
+
+def test_every_hook_has_a_test() -> None:
+    """Each hook spec in sdworker.hookspecs has a test_hook_<name>_... test here."""
+    hooks = {name for name, value in vars(hookspecs).items() if hasattr(value, "sdworker_spec")}
+    tested = {name for name in globals() if name.startswith("test_hook_")}
+    untested = [
+        hook for hook in hooks if not any(t.startswith(f"test_hook_{hook}_") for t in tested)
+    ]
+    assert hooks
+    assert not untested
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/example_plugin built and installed into a temporary folder, not into the venv."""
+    target = tmp_path_factory.mktemp("example-site")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        str(target),
+    ]
+    if importlib.util.find_spec("hatchling"):
+        command.append("--no-build-isolation")
+    subprocess.run([*command, str(EXAMPLE_PLUGIN)], check=True, capture_output=True, timeout=120)
+    return target
+
+
+def _with_site(site: Path, script: str) -> str:
+    """Run `script` in a fresh interpreter that sees `site`; return what it printed."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop(TRACE_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.timeout(60)  # builds a wheel: a few seconds
+def test_an_installed_plugin_offers_its_backend(example_site: Path) -> None:
+    """A separately installed distribution's backend is found through its entry point."""
+    script = "from sdworker.plugins import backend_specs; print(sorted(backend_specs()))"
+    assert "'example'" in _with_site(example_site, script)
+
+
+@pytest.mark.timeout(60)  # builds a wheel: a few seconds
+def test_an_installed_plugin_backend_runs_a_job(example_site: Path) -> None:
+    """The example backend, found by name, starts and runs a txt2img job."""
+    script = """
+import asyncio
+from sdworker.backend import JobRequest
+from sdworker.plugins import find_backend
+from sdworker.settings import Settings
+
+async def main():
+    backend = find_backend("example").factory(Settings())
+    await backend.start()
+    request = JobRequest(id="ex-1", task="txt2img", params={"seed": 3})
+    result = await backend.run(request, lambda reading: None)
+    print(backend.name, [(output.content_type, output.seed) for output in result.outputs])
+
+asyncio.run(main())
+"""
+    assert _with_site(example_site, script) == "example [('image/png', 3)]"

@@ -1,0 +1,291 @@
+"""The worker end to end against emulated AWS (moto on loopback) with the fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sdworker.aws import AwsClients
+from sdworker.errors import BackendUnavailable, PermanentError
+from sdworker.local import LocalResources
+from sdworker.local_mode import local_settings, start_worker
+from sdworker.testing import FakeBackend, tiny_png
+from sdworker.worker import Worker
+from tests.aws_helpers import (
+    drain_messages,
+    eventually,
+    finals,
+    object_keys,
+    queue_counts,
+    read_json,
+    send,
+)
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start(resources: LocalResources) -> AsyncIterator[StartWorker]:
+    """Start workers on the test's resources; each is stopped (drained) at the end."""
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def starter(backend: FakeBackend, **overrides: Any) -> Worker:
+        values = {"log_format": "json", "progress_interval": 0, "retry_backoff": 0, **overrides}
+        worker, task = await start_worker(local_settings(resources, **values), backend)
+        running.append((worker, task))
+        return worker
+
+    yield starter
+    for worker, task in running:
+        worker.stop()
+        await task
+
+
+def job(job_id: str = "fox-0001", **fields: Any) -> dict[str, Any]:
+    """A native job message."""
+    return {"version": 1, "id": job_id, "task": "txt2img",
+            "params": {"prompt": "a red fox", "seed": 42}, **fields}
+
+
+async def test_a_job_writes_its_outputs_result_and_notification(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A successful job lands at deterministic keys, with result.json equal to the notification."""
+    await start(FakeBackend(outputs=2, size=(16, 8)))
+    await send(clients, resources, job(context={"user": "u-17"}))
+    [body] = await finals(clients, resources, 1)
+    prefix = f"s3://{resources.bucket}/results/fox-0001"
+    assert body["status"] == "succeeded" and body["id"] == "fox-0001" and body["attempt"] == 1
+    assert body["backend"] == "fake" and body["context"] == {"user": "u-17"}
+    assert [o["uri"] for o in body["outputs"]] == [f"{prefix}/0.png", f"{prefix}/1.png"]
+    assert body["outputs"][0] | {"bytes": 0} == {"uri": f"{prefix}/0.png", "content_type": "image/png",
+                                                 "width": 16, "height": 8, "seed": 42, "bytes": 0}
+    assert body["result"] == f"{prefix}/result.json"
+    assert set(body["timings_ms"]) >= {"queued", "inputs", "generate", "upload", "total"}
+    assert await object_keys(clients, resources.bucket) == [
+        "results/fox-0001/0.png", "results/fox-0001/1.png", "results/fox-0001/result.json"]
+    assert await read_json(clients, resources.bucket, "results/fox-0001/result.json") == body
+    assert await queue_counts(clients, resources.queue_url) == (0, 0)
+
+
+async def test_a_notification_carries_filterable_attributes(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """The SNS message has `status`, `backend` and `id` attributes for filter policies."""
+    await start(FakeBackend())
+    await send(clients, resources, job("attrs-1"))
+    await eventually(lambda: _has_result(clients, resources, "attrs-1"))
+    # A filtered subscription sees the message: subscribe one that accepts only succeeded fakes.
+    [message] = await drain_messages(clients, resources.results_queue_url)
+    assert message["Body"]
+    assert '"status": "succeeded"' in message["Body"]
+
+
+async def _has_result(clients: AwsClients, resources: LocalResources, job_id: str) -> bool:
+    keys = await object_keys(clients, resources.bucket)
+    return f"results/{job_id}/result.json" in keys
+
+
+async def test_a_guidance_message_is_answered_in_the_guidance_format(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """An SNS-wrapped guidance task document gets the guidance's notification, under its prefix."""
+    document = {"metadata": {"id": "g-1", "runtime": "sdruntime", "tasktype": "text-to-image",
+                             "prefix": "guidance", "context": ["any", 1]},
+                "content": {"prompt": "a fox", "steps": 4, "seed": 7, "width": 64, "height": 64}}
+    envelope = {"Type": "Notification", "MessageId": "m-1", "TopicArn": "arn:aws:sns:x:1:t",
+                "Message": __import__("json").dumps(document)}
+    await start(FakeBackend())
+    await send(clients, resources, envelope)
+    [body] = await finals(clients, resources, 1)
+    assert body == {
+        "runtime": "sdruntime", "id": "g-1", "result": True, "status": "completed",
+        "image_url": [f"s3://{resources.bucket}/guidance/g-1/0.png"],
+        "output_url": f"s3://{resources.bucket}/guidance/g-1/result.json",
+        "context": ["any", 1],
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "job_id", "code", "words"),
+    [
+        ("{not json", None, "invalid_job", "not JSON"),
+        ({"version": 1, "task": "txt2img"}, None, "invalid_job", "id"),
+        ({"version": 1, "id": "a/b", "task": "txt2img"}, None, "invalid_job", "id"),
+        ({"version": 1, "id": "bad-task", "task": "paint"}, "bad-task", "invalid_job", "task"),
+        (job("other-backend", backend="comfyui"), "other-backend", "unsupported", "backend"),
+    ],
+    ids=["malformed-json", "missing-id", "bad-id", "unknown-task", "unknown-backend"],
+)
+async def test_a_bad_message_is_failed_kept_in_the_dlq_and_the_worker_lives(
+    start: StartWorker, clients: AwsClients, resources: LocalResources,
+    body: Any, job_id: str | None, code: str, words: str,
+) -> None:
+    """A bad message is removed from the live queue, kept in the DLQ, and reported when it has an id."""
+    backend = FakeBackend()
+    await start(backend)
+    await send(clients, resources, body)
+    await send(clients, resources, job("after-the-bad-one"))
+    bodies = await finals(clients, resources, 2 if job_id else 1)
+    by_id = {b["id"]: b for b in bodies}
+    assert by_id["after-the-bad-one"]["status"] == "succeeded"
+    if job_id:
+        assert by_id[job_id]["status"] == "failed"
+        assert by_id[job_id]["error"]["code"] == code and words in by_id[job_id]["error"]["message"]
+    [kept] = await drain_messages(clients, resources.dlq_url)
+    assert kept["Body"] == (body if isinstance(body, str) else __import__("json").dumps(body))
+    assert kept["MessageAttributes"]["sdworker_error"]["StringValue"].startswith(code)
+    assert await queue_counts(clients, resources.queue_url) == (0, 0)
+
+
+async def test_a_retryable_failure_succeeds_on_the_second_attempt(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A backend outage fails the first attempt; the message comes back and the second succeeds."""
+    backend = FakeBackend(failures=[BackendUnavailable("the backend is restarting")])
+    await start(backend)
+    await send(clients, resources, job("flaky"))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "succeeded" and body["attempt"] == 2
+    assert len(backend.runs) == 2
+    assert await drain_messages(clients, resources.dlq_url, wait=0) == []
+
+
+async def test_retryable_failures_end_as_failed_after_max_attempts(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A job that keeps failing is failed after SDWORKER_MAX_ATTEMPTS and kept in the DLQ."""
+    backend = FakeBackend(failures=[BackendUnavailable("down")] * 5)
+    await start(backend, max_attempts=2)
+    await send(clients, resources, job("always-down"))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "failed" and body["attempt"] == 2
+    assert body["error"]["retryable"] is True and "after 2 attempts" in body["error"]["message"]
+    assert len(backend.runs) == 2
+    assert len(await drain_messages(clients, resources.dlq_url)) == 1
+
+
+async def test_a_permanent_failure_is_not_retried(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A permanent error fails the job at once: one run, a failed result.json, the DLQ copy."""
+    backend = FakeBackend(failures=[PermanentError("prompt: too long for this model")])
+    await start(backend)
+    await send(clients, resources, job("bad-prompt"))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "failed" and body["error"] == {
+        "code": "permanent", "message": "prompt: too long for this model", "retryable": False}
+    assert len(backend.runs) == 1
+    stored = await read_json(clients, resources.bucket, "results/bad-prompt/result.json")
+    assert stored["status"] == "failed"
+    assert len(await drain_messages(clients, resources.dlq_url)) == 1
+
+
+async def test_a_job_three_times_longer_than_the_visibility_timeout_runs_once(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """The heartbeat keeps a long job's message invisible: one run, one notification."""
+    backend = FakeBackend(latency=3.0, steps=6)
+    await start(backend, visibility_timeout=1, prefetch=1)
+    await send(clients, resources, job("long"))
+    [body] = await finals(clients, resources, 1)
+    await asyncio.sleep(1.5)  # past another visibility timeout: nothing comes back
+    assert body["status"] == "succeeded" and body["attempt"] == 1
+    assert len(backend.runs) == 1
+    assert await queue_counts(clients, resources.queue_url) == (0, 0)
+
+
+async def test_a_duplicate_delivery_is_announced_again_not_regenerated(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A job whose result.json says succeeded is re-announced and deleted without running."""
+    backend = FakeBackend()
+    await start(backend)
+    await send(clients, resources, job("twice"))
+    [first] = await finals(clients, resources, 1)
+    await send(clients, resources, job("twice"))
+    [second] = await finals(clients, resources, 1)
+    assert second == first
+    assert len(backend.runs) == 1
+    assert await queue_counts(clients, resources.queue_url) == (0, 0)
+
+
+async def test_the_next_message_is_prefetched_while_a_job_generates(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With capacity 1 and prefetch 1, two messages are held while only one job runs."""
+    backend = FakeBackend(latency=1.5, steps=3)
+    for n in range(3):
+        await send(clients, resources, job(f"p-{n}"))
+    await start(backend, prefetch=1)
+    await eventually(lambda: _running_with_in_flight(backend, clients, resources, 2))
+    await asyncio.sleep(0.3)  # and it stays so: the third message is not taken early
+    assert len(backend.runs) == 1
+    assert await queue_counts(clients, resources.queue_url) == (1, 2)
+    bodies = await finals(clients, resources, 3)
+    assert {b["status"] for b in bodies} == {"succeeded"}
+
+
+async def _running_with_in_flight(
+    backend: FakeBackend, clients: AwsClients, resources: LocalResources, count: int
+) -> bool:
+    return len(backend.runs) == 1 and await _in_flight_is(clients, resources, count)
+
+
+async def _in_flight_is(clients: AwsClients, resources: LocalResources, count: int) -> bool:
+    return (await queue_counts(clients, resources.queue_url))[1] == count
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:9/x.png"])
+async def test_an_input_on_a_private_address_is_refused(
+    start: StartWorker, clients: AwsClients, resources: LocalResources, url: str
+) -> None:
+    """The metadata service and loopback are refused as inputs: a permanent failure, no run."""
+    backend = FakeBackend()
+    await start(backend)
+    await send(clients, resources, job("ssrf", task="img2img", inputs={"image": url}))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "failed" and body["error"]["code"] == "input_refused"
+    assert "inputs.image" in body["error"]["message"] and backend.runs == []
+
+
+async def test_inputs_are_fetched_and_given_to_the_backend(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """An s3:// input and a data: input arrive at the backend as bytes with their content type."""
+    png = tiny_png(4, 4)
+    await clients.s3.put_object(Bucket=resources.bucket, Key="in/fox.png", Body=png)
+    backend = FakeBackend()
+    await start(backend)
+    mask = "data:image/png;base64," + base64.b64encode(png).decode()
+    await send(clients, resources, job("with-inputs", task="inpaint",
+                                       inputs={"image": f"s3://{resources.bucket}/in/fox.png", "mask": mask}))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "succeeded"
+    [request] = backend.runs
+    assert request.inputs["image"].data == png and request.inputs["mask"].content_type == "image/png"
+
+
+async def test_stop_hands_back_unstarted_messages_and_interrupts_past_the_deadline(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """On stop, prefetched messages and a job that cannot finish in time are handed back at once."""
+    backend = FakeBackend(latency=30, steps=30)
+    for n in range(2):
+        await send(clients, resources, job(f"s-{n}"))
+    worker = await start(backend, shutdown_deadline=0.2)
+    await eventually(lambda: _running_with_in_flight(backend, clients, resources, 2))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    worker.stop()
+    await eventually(lambda: _visible_is(clients, resources, 2), timeout=5, interval=0.05)
+    assert loop.time() - began < 1.0
+    assert len(backend.interrupted) == 1
+
+
+async def _visible_is(clients: AwsClients, resources: LocalResources, count: int) -> bool:
+    return (await queue_counts(clients, resources.queue_url))[0] == count
