@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import io
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
+import httpx
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from sdworker.aws import AwsClients, aws_clients
@@ -60,6 +67,13 @@ _PAGES: dict[str, tuple[int, bytes, str, str | None]] = {
 }
 
 
+async def _named(request: web.Request) -> web.Response:
+    """The PNG, only when asked for by the name localhost (the Host header survives pinning)."""
+    if not request.host.startswith("localhost:"):
+        return web.Response(status=404, text=f"wrong host {request.host}")
+    return web.Response(body=PNG, content_type="image/png")
+
+
 async def _page(request: web.Request) -> web.Response:
     """Answer with the fixed page of the path."""
     status, body, content_type, location = _PAGES[request.path]
@@ -72,13 +86,60 @@ async def server() -> AsyncIterator[str]:
     """A real HTTP server on 127.0.0.1; its base URL."""
     app = web.Application()
     app.add_routes([web.get(path, _page) for path in _PAGES])
-    app.add_routes([web.get("/endless.png", _endless)])
+    app.add_routes([web.get("/endless.png", _endless), web.get("/named.png", _named)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+def _self_signed(host: str) -> tuple[bytes, bytes]:
+    """A certificate and key (PEM) for `host`, signed by itself."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture(scope="module")
+async def tls_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[str, ssl.SSLContext]]:
+    """An HTTPS server on 127.0.0.1 with a certificate for localhost; its URL and trust context."""
+    certificate, key = _self_signed("localhost")
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(certificate)
+    (folder / "key.pem").write_bytes(key)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    app = web.Application()
+    app.add_routes([web.get("/named.png", _named)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"https://localhost:{port}", ssl.create_default_context(cadata=certificate.decode())
     await runner.cleanup()
 
 
@@ -175,9 +236,20 @@ async def test_allow_listed_network_fetches_the_image(
 async def test_allow_listed_host_name_fetches_the_image(
     server: str, make_fetcher: MakeFetcher
 ) -> None:
-    """An allow-listed host name is fetched whatever it resolves to."""
-    url = server.replace("127.0.0.1", "LOCALHOST") + "/image.png"
+    """An allow-listed host name is fetched whatever it resolves to, sent with its Host header."""
+    url = server.replace("127.0.0.1", "LOCALHOST") + "/named.png"
     fetched = await make_fetcher(allow=["localhost"]).fetch("image", url)
+    assert fetched.data == PNG
+
+
+async def test_https_keeps_the_host_name_for_tls(
+    tls_server: tuple[str, ssl.SSLContext], module_clients: AwsClients
+) -> None:
+    """Over https the pinned address is reached with the URL's name checked by the certificate."""
+    url, trust = tls_server
+    async with httpx.AsyncClient(verify=trust, trust_env=False) as http:
+        fetcher = InputFetcher(module_clients.s3, max_bytes=CAP, allow=["localhost"], http=http)
+        fetched = await fetcher.fetch("image", f"{url}/named.png")
     assert fetched.data == PNG
 
 
