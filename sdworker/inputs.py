@@ -111,7 +111,8 @@ class _AddressGuard:
     async def check(self, label: str, url: httpx.URL) -> list[str]:
         """The addresses `url`'s host resolves to, once each of them has passed the guard."""
         addresses = await _resolve(label, url)
-        if url.host.rstrip(".").lower() in self._names:
+        names = {url.host.rstrip("."), url.raw_host.decode("ascii").rstrip(".")}
+        if not names.isdisjoint(self._names):
             return addresses
         for address in addresses:
             reason = self._refusal(ipaddress.ip_address(address))
@@ -160,7 +161,10 @@ async def _resolve(label: str, url: httpx.URL) -> list[str]:
         if error.errno == socket.EAI_AGAIN:
             raise RetryableError(f"{where}; will retry") from None
         raise InputRefused(f"{where}; check the host name") from None
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise InputRefused(f"{label}: {redact(str(url))}: {host} has no address; check the host")
+    return addresses
 
 
 class InputFetcher:
@@ -182,7 +186,7 @@ class InputFetcher:
         self._max_bytes = max_bytes
         self._guard = _AddressGuard(allow)
         self._owns_http = http is None
-        self._http = http or _default_http_client()
+        self._http = _default_http_client() if http is None else http
         self._timeout_s = timeout_s
 
     @classmethod
@@ -207,7 +211,7 @@ class InputFetcher:
             await self._http.aclose()
 
     async def fetch_all(self, inputs: Mapping[str, str | None]) -> dict[str, InputFile]:
-        """Fetch every input at once (None values are skipped); the first refusal wins."""
+        """Fetch every input at once (None values are skipped); a refusal outranks a retry."""
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = {
@@ -323,8 +327,13 @@ class InputFetcher:
         """Send the GET to the first checked address that accepts a connection."""
         for address in addresses[:-1]:
             with contextlib.suppress(httpx.ConnectError):
-                return await self._http.send(self._request(url, address), stream=True)
-        return await self._http.send(self._request(url, addresses[-1]), stream=True)
+                return await self._send_to(url, address)
+        return await self._send_to(url, addresses[-1])
+
+    async def _send_to(self, url: httpx.URL, address: str) -> httpx.Response:
+        """Send the GET to `address`, never letting the client follow a redirect on its own."""
+        request = self._request(url, address)
+        return await self._http.send(request, stream=True, follow_redirects=False)
 
     def _request(self, url: httpx.URL, address: str) -> httpx.Request:
         """A GET for `url` sent to `address`; Host header and TLS server name stay `url`'s host."""
@@ -364,6 +373,7 @@ class InputFetcher:
             raise InputRefused(self._too_big(label, where, str(size)))
 
     def _too_big(self, label: str, where: str, size: str) -> str:
+        """The refusal message of an input over the cap."""
         return (
             f"{label}: {redact(where)}: {size} bytes exceeds the {self._max_bytes}-byte limit "
             f"({_LIMIT}); send a smaller image or raise the limit"
@@ -405,13 +415,13 @@ def _check_status(label: str, where: str, status: int) -> None:
 
 def _s3_failure(label: str, uri: str, error: ClientError) -> JobError:
     """Throttling and 5xx from S3 may pass later; a missing object or a denial will not."""
-    code = error.response.get("Error", {}).get("Code", "")
+    details = error.response.get("Error", {})
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if status >= 500 or status == 429 or code in _S3_RETRY_CODES:
-        return RetryableError(f"{label}: {uri}: S3 answered {code or status}; will retry")
+    answer = f"S3 answered {details.get('Code') or status} ({details.get('Message', '')})"
+    if status >= 500 or status == 429 or details.get("Code") in _S3_RETRY_CODES:
+        return RetryableError(f"{label}: {uri}: {answer}; will retry")
     return InputRefused(
-        f"{label}: {uri}: S3 answered {code or status}; check the bucket, the key "
-        "and that the worker may read it"
+        f"{label}: {uri}: {answer}; check the bucket, the key and that the worker may read it"
     )
 
 

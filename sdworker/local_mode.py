@@ -81,7 +81,7 @@ async def start_worker(
     """Start a worker in this event loop; return it once it serves, with the task running it."""
     started: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
     serving = asyncio.create_task(run_worker(settings, backend=backend, started=started.set_result))
-    await asyncio.wait([started, serving], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait((started, serving), return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         serving.result()
         raise RuntimeError("the worker stopped before it started")

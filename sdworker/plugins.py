@@ -96,13 +96,15 @@ class PluginHooks:
     def prepare_job(self, request: JobRequest) -> JobRequest:
         """Let every `prepare_job` implementation change the request in turn."""
         for impl in reversed(self.manager.hook.prepare_job.get_hookimpls()):
-            request = impl.function(request=request) or request
+            changed = impl.function(request=request)
+            request = changed if isinstance(changed, JobRequest) else request
         return request
 
     def process_outputs(self, request: JobRequest, result: BackendResult) -> BackendResult:
         """Let every `process_outputs` implementation change the outputs in turn."""
         for impl in reversed(self.manager.hook.process_outputs.get_hookimpls()):
-            result = impl.function(request=request, result=result) or result
+            changed = impl.function(request=request, result=result)
+            result = changed if isinstance(changed, BackendResult) else result
         return result
 
     async def job_finished(self, notification: dict[str, Any]) -> None:

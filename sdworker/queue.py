@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from botocore.exceptions import ClientError
 from types_aiobotocore_sqs import SQSClient
+from types_aiobotocore_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
 
 log = structlog.get_logger("sdworker.queue")
 
@@ -96,7 +97,7 @@ class JobQueue:
     async def _set_visibility_batch(
         self, batch: Sequence[Delivery], timeout_s: int
     ) -> list[Delivery]:
-        entries = [
+        entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
             {"Id": str(n), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": timeout_s}
             for n, d in enumerate(batch)
         ]

@@ -31,7 +31,7 @@ from sdworker.errors import (
     UnsupportedJob,
 )
 from sdworker.inputs import InputFetcher
-from sdworker.jobs import Job, parse_message
+from sdworker.jobs import Job, message_format, parse_message
 from sdworker.notifications import Body
 from sdworker.plugins import PluginHooks
 from sdworker.queue import Delivery, Heartbeat, JobQueue
@@ -373,7 +373,13 @@ class Worker:
             await self._finish(work.delivery)
             return
         result_uri = work.location.uri("result.json") if work.location else None
-        body = notifications.failed(work.job or job_id, error, self._meta(work), result_uri=result_uri)
+        body = notifications.failed(
+            work.job or job_id,
+            error,
+            self._meta(work),
+            result_uri=result_uri,
+            answer_in=message_format(work.delivery.body),
+        )
         await self._conclude(work, body)
 
     async def _conclude(self, work: Work, body: dict[str, object]) -> None:

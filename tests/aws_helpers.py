@@ -18,15 +18,17 @@ async def send(clients: AwsClients, resources: LocalResources, body: Any) -> Non
 
 
 async def notifications(
-    clients: AwsClients, resources: LocalResources, count: int, timeout: float = 15
+    clients: AwsClients, resources: LocalResources, count: int, within_s: float = 15
 ) -> list[dict[str, Any]]:
     """Wait for `count` final notifications on the results queue and return all bodies seen."""
     seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while sum(1 for b in seen if b.get("status") not in ("running", "progress")) < count:
-        assert time.monotonic() < deadline, f"only {seen} after {timeout} s"
+        assert time.monotonic() < deadline, f"only {seen} after {within_s} s"
         response = await clients.sqs.receive_message(
-            QueueUrl=resources.results_queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+            QueueUrl=resources.results_queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
             MessageAttributeNames=["All"],
         )
         for message in response.get("Messages", []):
@@ -37,17 +39,24 @@ async def notifications(
     return seen
 
 
-async def finals(clients: AwsClients, resources: LocalResources, count: int) -> list[dict[str, Any]]:
+async def finals(
+    clients: AwsClients, resources: LocalResources, count: int
+) -> list[dict[str, Any]]:
     """Only the final (succeeded/failed/completed) notifications."""
     bodies = await notifications(clients, resources, count)
     return [b for b in bodies if b.get("status") not in ("running", "progress")]
 
 
-async def drain_messages(clients: AwsClients, queue_url: str, wait: int = 1) -> list[dict[str, Any]]:
+async def drain_messages(
+    clients: AwsClients, queue_url: str, wait: int = 1
+) -> list[dict[str, Any]]:
     """Receive (and leave invisible) whatever is on a queue now."""
     response = await clients.sqs.receive_message(
-        QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait,
-        MessageAttributeNames=["All"], MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        QueueUrl=queue_url,
+        MaxNumberOfMessages=10,
+        WaitTimeSeconds=wait,
+        MessageAttributeNames=["All"],
+        MessageSystemAttributeNames=["ApproximateReceiveCount"],
     )
     return list(response.get("Messages", []))
 
@@ -79,9 +88,9 @@ async def read_json(clients: AwsClients, bucket: str, key: str) -> Any:
         return json.loads(await stream.read())
 
 
-async def eventually(predicate: Any, timeout: float = 10, interval: float = 0.1) -> None:
+async def eventually(predicate: Any, within_s: float = 10, interval: float = 0.1) -> None:
     """Wait until the async `predicate()` is true."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while not await predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(interval)

@@ -271,6 +271,16 @@ async def test_redirect_to_metadata_is_refused(server: str, make_fetcher: MakeFe
         await make_fetcher(allow=["127.0.0.1"]).fetch("image", f"{server}/to-metadata")
 
 
+async def test_redirect_is_checked_with_a_redirect_following_client(
+    server: str, module_clients: AwsClients
+) -> None:
+    """A client that follows redirects itself still has every hop checked by the guard."""
+    async with httpx.AsyncClient(follow_redirects=True) as http:
+        fetcher = InputFetcher(module_clients.s3, max_bytes=CAP, allow=["127.0.0.1"], http=http)
+        with pytest.raises(InputRefused, match=r"169\.254\.169\.254 is link-local"):
+            await fetcher.fetch("image", f"{server}/to-metadata")
+
+
 async def test_redirect_to_file_is_refused(server: str, make_fetcher: MakeFetcher) -> None:
     """A redirect to a non-http scheme is refused."""
     with pytest.raises(InputRefused, match=r"redirects to a file: URI"):

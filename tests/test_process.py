@@ -28,11 +28,21 @@ async def spawn(resources: LocalResources) -> AsyncIterator[Any]:
     processes: list[Process] = []
 
     async def spawner(**env: str) -> Process:
-        environment = {**os.environ, **resources.environment(), "SDWORKER_BACKEND": "placeholder",
-                       "SDWORKER_RECEIVE_WAIT": "1", **env}
+        environment = {
+            **os.environ,
+            **resources.environment(),
+            "SDWORKER_BACKEND": "placeholder",
+            "SDWORKER_RECEIVE_WAIT": "1",
+            **env,
+        }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sdworker", "run", env=environment,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "sdworker",
+            "run",
+            env=environment,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         processes.append(process)
         return process
@@ -44,10 +54,10 @@ async def spawn(resources: LocalResources) -> AsyncIterator[Any]:
             await process.wait()
 
 
-async def wait_for_log(process: Process, event: str, timeout: float = 20) -> dict[str, Any]:
+async def wait_for_log(process: Process, event: str, within_s: float = 20) -> dict[str, Any]:
     """Read the process's JSON log lines until one has `event`; return it."""
     assert process.stderr is not None
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         line = await asyncio.wait_for(process.stderr.readline(), deadline - time.monotonic())
         assert line, f"the process exited before logging {event!r}"
@@ -57,13 +67,17 @@ async def wait_for_log(process: Process, event: str, timeout: float = 20) -> dic
             continue
         if record.get("event") == event:
             return dict(record)
-    raise AssertionError(f"no {event!r} log line in {timeout} s")
+    raise AssertionError(f"no {event!r} log line in {within_s} s")
 
 
 def long_job(job_id: str) -> dict[str, Any]:
     """A placeholder job of 40 steps."""
-    return {"version": 1, "id": job_id, "task": "txt2img",
-            "params": {"prompt": "slow", "steps": 40, "width": 64, "height": 64}}
+    return {
+        "version": 1,
+        "id": job_id,
+        "task": "txt2img",
+        "params": {"prompt": "slow", "steps": 40, "width": 64, "height": 64},
+    }
 
 
 async def test_sigterm_during_a_job_hands_the_message_back_within_a_second(
@@ -75,7 +89,7 @@ async def test_sigterm_during_a_job_hands_the_message_back_within_a_second(
     await wait_for_log(process, "generating")
     began = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    await eventually(lambda: _visible(clients, resources), timeout=5, interval=0.05)
+    await eventually(lambda: _visible(clients, resources), within_s=5, interval=0.05)
     handed_back_after = time.monotonic() - began
     assert await asyncio.wait_for(process.wait(), 10) == 0
     assert handed_back_after < 1.0
@@ -121,11 +135,19 @@ async def test_a_worker_killed_mid_job_loses_nothing(
 
 async def test_a_missing_setting_stops_start_up_with_one_line(resources: LocalResources) -> None:
     """Without a queue URL the daemon exits 2 with one line naming the setting and the fix."""
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("SDWORKER_", "SQS_"))}
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("SDWORKER_", "SQS_"))
+    }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sdworker", "run", "--bucket", "b", env=environment,
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "sdworker",
+        "run",
+        "--bucket",
+        "b",
+        env=environment,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     _, stderr = await process.communicate()
     assert process.returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -47,8 +48,13 @@ async def start(resources: LocalResources) -> AsyncIterator[StartWorker]:
 
 def job(job_id: str = "fox-0001", **fields: Any) -> dict[str, Any]:
     """A native job message."""
-    return {"version": 1, "id": job_id, "task": "txt2img",
-            "params": {"prompt": "a red fox", "seed": 42}, **fields}
+    return {
+        "version": 1,
+        "id": job_id,
+        "task": "txt2img",
+        "params": {"prompt": "a red fox", "seed": 42},
+        **fields,
+    }
 
 
 async def test_a_job_writes_its_outputs_result_and_notification(
@@ -62,48 +68,74 @@ async def test_a_job_writes_its_outputs_result_and_notification(
     assert body["status"] == "succeeded" and body["id"] == "fox-0001" and body["attempt"] == 1
     assert body["backend"] == "fake" and body["context"] == {"user": "u-17"}
     assert [o["uri"] for o in body["outputs"]] == [f"{prefix}/0.png", f"{prefix}/1.png"]
-    assert body["outputs"][0] | {"bytes": 0} == {"uri": f"{prefix}/0.png", "content_type": "image/png",
-                                                 "width": 16, "height": 8, "seed": 42, "bytes": 0}
+    assert body["outputs"][0] | {"bytes": 0} == {
+        "uri": f"{prefix}/0.png",
+        "content_type": "image/png",
+        "width": 16,
+        "height": 8,
+        "seed": 42,
+        "bytes": 0,
+    }
     assert body["result"] == f"{prefix}/result.json"
     assert set(body["timings_ms"]) >= {"queued", "inputs", "generate", "upload", "total"}
     assert await object_keys(clients, resources.bucket) == [
-        "results/fox-0001/0.png", "results/fox-0001/1.png", "results/fox-0001/result.json"]
+        "results/fox-0001/0.png",
+        "results/fox-0001/1.png",
+        "results/fox-0001/result.json",
+    ]
     assert await read_json(clients, resources.bucket, "results/fox-0001/result.json") == body
     assert await queue_counts(clients, resources.queue_url) == (0, 0)
 
 
-async def test_a_notification_carries_filterable_attributes(
+async def test_a_notification_reaches_a_subscription_filtered_on_its_attributes(
     start: StartWorker, clients: AwsClients, resources: LocalResources
 ) -> None:
-    """The SNS message has `status`, `backend` and `id` attributes for filter policies."""
-    await start(FakeBackend())
-    await send(clients, resources, job("attrs-1"))
-    await eventually(lambda: _has_result(clients, resources, "attrs-1"))
-    # A filtered subscription sees the message: subscribe one that accepts only succeeded fakes.
-    [message] = await drain_messages(clients, resources.results_queue_url)
-    assert message["Body"]
-    assert '"status": "succeeded"' in message["Body"]
-
-
-async def _has_result(clients: AwsClients, resources: LocalResources, job_id: str) -> bool:
-    keys = await object_keys(clients, resources.bucket)
-    return f"results/{job_id}/result.json" in keys
+    """SNS filter policies on `status`, `backend` and `id` select the notifications of a job."""
+    url = (await clients.sqs.create_queue(QueueName="only-failures"))["QueueUrl"]
+    arn = await clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    policy = {"status": ["failed"], "backend": ["fake"], "id": ["wanted"]}
+    await clients.sns.subscribe(
+        TopicArn=resources.topic_arn,
+        Protocol="sqs",
+        Endpoint=arn["Attributes"]["QueueArn"],
+        Attributes={"RawMessageDelivery": "true", "FilterPolicy": json.dumps(policy)},
+    )
+    await start(FakeBackend(failures=[PermanentError("no")] * 2))
+    await send(clients, resources, job("unwanted"))
+    await send(clients, resources, job("wanted"))
+    await finals(clients, resources, 2)
+    [message] = await drain_messages(clients, url)
+    assert json.loads(message["Body"])["id"] == "wanted"
 
 
 async def test_a_guidance_message_is_answered_in_the_guidance_format(
     start: StartWorker, clients: AwsClients, resources: LocalResources
 ) -> None:
     """An SNS-wrapped guidance task document gets the guidance's notification, under its prefix."""
-    document = {"metadata": {"id": "g-1", "runtime": "sdruntime", "tasktype": "text-to-image",
-                             "prefix": "guidance", "context": ["any", 1]},
-                "content": {"prompt": "a fox", "steps": 4, "seed": 7, "width": 64, "height": 64}}
-    envelope = {"Type": "Notification", "MessageId": "m-1", "TopicArn": "arn:aws:sns:x:1:t",
-                "Message": __import__("json").dumps(document)}
+    document = {
+        "metadata": {
+            "id": "g-1",
+            "runtime": "sdruntime",
+            "tasktype": "text-to-image",
+            "prefix": "guidance",
+            "context": ["any", 1],
+        },
+        "content": {"prompt": "a fox", "steps": 4, "seed": 7, "width": 64, "height": 64},
+    }
+    envelope = {
+        "Type": "Notification",
+        "MessageId": "m-1",
+        "TopicArn": "arn:aws:sns:x:1:t",
+        "Message": json.dumps(document),
+    }
     await start(FakeBackend())
     await send(clients, resources, envelope)
     [body] = await finals(clients, resources, 1)
     assert body == {
-        "runtime": "sdruntime", "id": "g-1", "result": True, "status": "completed",
+        "runtime": "sdruntime",
+        "id": "g-1",
+        "result": True,
+        "status": "completed",
         "image_url": [f"s3://{resources.bucket}/guidance/g-1/0.png"],
         "output_url": f"s3://{resources.bucket}/guidance/g-1/result.json",
         "context": ["any", 1],
@@ -122,10 +154,15 @@ async def test_a_guidance_message_is_answered_in_the_guidance_format(
     ids=["malformed-json", "missing-id", "bad-id", "unknown-task", "unknown-backend"],
 )
 async def test_a_bad_message_is_failed_kept_in_the_dlq_and_the_worker_lives(
-    start: StartWorker, clients: AwsClients, resources: LocalResources,
-    body: Any, job_id: str | None, code: str, words: str,
+    start: StartWorker,
+    clients: AwsClients,
+    resources: LocalResources,
+    body: Any,
+    job_id: str | None,
+    code: str,
+    words: str,
 ) -> None:
-    """A bad message is removed from the live queue, kept in the DLQ, and reported when it has an id."""
+    """A bad message leaves the live queue, stays in the DLQ, and is reported if it has an id."""
     backend = FakeBackend()
     await start(backend)
     await send(clients, resources, body)
@@ -137,7 +174,7 @@ async def test_a_bad_message_is_failed_kept_in_the_dlq_and_the_worker_lives(
         assert by_id[job_id]["status"] == "failed"
         assert by_id[job_id]["error"]["code"] == code and words in by_id[job_id]["error"]["message"]
     [kept] = await drain_messages(clients, resources.dlq_url)
-    assert kept["Body"] == (body if isinstance(body, str) else __import__("json").dumps(body))
+    assert kept["Body"] == (body if isinstance(body, str) else json.dumps(body))
     assert kept["MessageAttributes"]["sdworker_error"]["StringValue"].startswith(code)
     assert await queue_counts(clients, resources.queue_url) == (0, 0)
 
@@ -178,7 +215,10 @@ async def test_a_permanent_failure_is_not_retried(
     await send(clients, resources, job("bad-prompt"))
     [body] = await finals(clients, resources, 1)
     assert body["status"] == "failed" and body["error"] == {
-        "code": "permanent", "message": "prompt: too long for this model", "retryable": False}
+        "code": "permanent",
+        "message": "prompt: too long for this model",
+        "retryable": False,
+    }
     assert len(backend.runs) == 1
     stored = await read_json(clients, resources.bucket, "results/bad-prompt/result.json")
     assert stored["status"] == "failed"
@@ -240,7 +280,9 @@ async def _in_flight_is(clients: AwsClients, resources: LocalResources, count: i
     return (await queue_counts(clients, resources.queue_url))[1] == count
 
 
-@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:9/x.png"])
+@pytest.mark.parametrize(
+    "url", ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:9/x.png"]
+)
 async def test_an_input_on_a_private_address_is_refused(
     start: StartWorker, clients: AwsClients, resources: LocalResources, url: str
 ) -> None:
@@ -262,12 +304,21 @@ async def test_inputs_are_fetched_and_given_to_the_backend(
     backend = FakeBackend()
     await start(backend)
     mask = "data:image/png;base64," + base64.b64encode(png).decode()
-    await send(clients, resources, job("with-inputs", task="inpaint",
-                                       inputs={"image": f"s3://{resources.bucket}/in/fox.png", "mask": mask}))
+    await send(
+        clients,
+        resources,
+        job(
+            "with-inputs",
+            task="inpaint",
+            inputs={"image": f"s3://{resources.bucket}/in/fox.png", "mask": mask},
+        ),
+    )
     [body] = await finals(clients, resources, 1)
     assert body["status"] == "succeeded"
     [request] = backend.runs
-    assert request.inputs["image"].data == png and request.inputs["mask"].content_type == "image/png"
+    assert (
+        request.inputs["image"].data == png and request.inputs["mask"].content_type == "image/png"
+    )
 
 
 async def test_stop_hands_back_unstarted_messages_and_interrupts_past_the_deadline(
@@ -282,7 +333,7 @@ async def test_stop_hands_back_unstarted_messages_and_interrupts_past_the_deadli
     loop = asyncio.get_running_loop()
     began = loop.time()
     worker.stop()
-    await eventually(lambda: _visible_is(clients, resources, 2), timeout=5, interval=0.05)
+    await eventually(lambda: _visible_is(clients, resources, 2), within_s=5, interval=0.05)
     assert loop.time() - began < 1.0
     assert len(backend.interrupted) == 1
 
