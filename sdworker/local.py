@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class LocalAws:
             from moto.server import ThreadedMotoServer
         except ImportError:
             raise ConfigError("local AWS needs moto: pip install 'sdworker[local]'") from None
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
         host, bound_port = self._server.get_host_and_port()
