@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Annotated, Any, Literal
@@ -82,9 +83,14 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         """Accept `a,b,c` as well as a JSON or TOML list."""
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value  # reported as "not a valid list", naming the variable
+        return [item.strip() for item in value.split(",") if item.strip()]
 
     @classmethod
     def settings_customise_sources(
