@@ -1,4 +1,4 @@
-"""Shared fixtures for tests/ and plugins/*/tests: one moto server on 127.0.0.1, fresh resources per test."""
+"""Shared fixtures for tests/ and plugins/*/tests: moto on 127.0.0.1, fresh resources per test."""
 
 from __future__ import annotations
 
