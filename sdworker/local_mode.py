@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pluggy
+
 from sdworker.app import run_worker
 from sdworker.aws import aws_clients
 from sdworker.backend import Backend
@@ -76,11 +78,15 @@ async def run_demo(
 
 
 async def start_worker(
-    settings: Settings, backend: Backend | None = None
+    settings: Settings,
+    backend: Backend | None = None,
+    manager: pluggy.PluginManager | None = None,
 ) -> tuple[Worker, asyncio.Task[None]]:
     """Start a worker in this event loop; return it once it serves, with the task running it."""
     started: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(run_worker(settings, backend=backend, started=started.set_result))
+    serving = asyncio.create_task(
+        run_worker(settings, backend=backend, manager=manager, started=started.set_result)
+    )
     await asyncio.wait((started, serving), return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         serving.result()

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pluggy
 import pytest
 
+from sdworker import hookimpl
 from sdworker.aws import AwsClients
+from sdworker.backend import BackendResult, JobRequest, Output
 from sdworker.errors import BackendUnavailable, PermanentError
 from sdworker.local import LocalResources
 from sdworker.local_mode import local_settings, start_worker
+from sdworker.plugins import make_plugin_manager
 from sdworker.testing import FakeBackend, tiny_png
 from sdworker.worker import Worker
 from tests.aws_helpers import (
     drain_messages,
     eventually,
     finals,
+    notifications,
     object_keys,
     queue_counts,
     read_json,
@@ -34,9 +40,11 @@ async def start(resources: LocalResources) -> AsyncIterator[StartWorker]:
     """Start workers on the test's resources; each is stopped (drained) at the end."""
     running: list[tuple[Worker, asyncio.Task[None]]] = []
 
-    async def starter(backend: FakeBackend, **overrides: Any) -> Worker:
+    async def starter(
+        backend: FakeBackend, manager: pluggy.PluginManager | None = None, **overrides: Any
+    ) -> Worker:
         values = {"log_format": "json", "progress_interval": 0, "retry_backoff": 0, **overrides}
-        worker, task = await start_worker(local_settings(resources, **values), backend)
+        worker, task = await start_worker(local_settings(resources, **values), backend, manager)
         running.append((worker, task))
         return worker
 
@@ -340,3 +348,81 @@ async def test_stop_hands_back_unstarted_messages_and_interrupts_past_the_deadli
 
 async def _visible_is(clients: AwsClients, resources: LocalResources, count: int) -> bool:
     return (await queue_counts(clients, resources.queue_url))[0] == count
+
+
+async def test_running_and_progress_notifications_are_sent_when_enabled(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With notify_running and a progress interval, a job announces its start and its steps."""
+    await start(FakeBackend(latency=0.6, steps=3), notify_running=True, progress_interval=0.01)
+    await send(clients, resources, job("chatty"))
+    bodies = await notifications(clients, resources, 1)
+    statuses = [b["status"] for b in bodies]
+    assert statuses[0] == "running" and statuses[-1] == "succeeded" and "progress" in statuses
+    reading = next(b["progress"] for b in bodies if b["status"] == "progress")
+    assert 0 < reading["fraction"] <= 1 and reading["total"] == 3
+
+
+class _Stamper:
+    """A plugin that changes the prompt, tags the outputs and collects finished jobs."""
+
+    def __init__(self) -> None:
+        self.finished: list[dict[str, Any]] = []
+
+    @hookimpl
+    def prepare_job(self, request: JobRequest) -> JobRequest:
+        return dataclasses.replace(request, params={**request.params, "prompt": "stamped"})
+
+    @hookimpl
+    def process_outputs(self, request: JobRequest, result: BackendResult) -> BackendResult:
+        extra = Output(tiny_png(2, 2), width=2, height=2)
+        return BackendResult([*result.outputs, extra], {**result.info, "stamped": True})
+
+    @hookimpl
+    async def job_finished(self, notification: dict[str, Any]) -> None:
+        self.finished.append(notification)
+
+
+async def test_plugins_change_the_job_its_outputs_and_hear_of_its_end(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """prepare_job, process_outputs and job_finished take part in a real job."""
+    manager = make_plugin_manager(load_entry_points=False)
+    stamper = _Stamper()
+    manager.register(stamper)
+    backend = FakeBackend()
+    await start(backend, manager)
+    await send(clients, resources, job("hooked"))
+    [body] = await finals(clients, resources, 1)
+    assert backend.runs[0].params["prompt"] == "stamped"
+    assert len(body["outputs"]) == 2 and body["info"]["stamped"] is True
+    await eventually(lambda: _async_true(bool(stamper.finished)))
+    assert stamper.finished == [body]
+
+
+async def _async_true(value: bool) -> bool:
+    return value
+
+
+async def test_a_job_for_another_backend_is_left_for_other_workers_when_configured(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With foreign_jobs=leave, a job for another backend goes back to the queue, not the DLQ."""
+    backend = FakeBackend()
+    await start(backend, foreign_jobs="leave", retry_backoff=30)
+    await send(clients, resources, job("for-comfy", backend="comfyui"))
+    await eventually(lambda: _in_flight_is(clients, resources, 1))
+    await asyncio.sleep(0.5)
+    assert backend.runs == [] and await drain_messages(clients, resources.dlq_url, wait=0) == []
+
+
+async def test_an_output_bucket_outside_the_allowed_ones_is_refused(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A job may not make the worker write to a bucket it was not allowed."""
+    backend = FakeBackend()
+    await start(backend)
+    await send(clients, resources, job("elsewhere", output={"bucket": "someone-elses"}))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "failed" and "SDWORKER_ALLOWED_BUCKETS" in body["error"]["message"]
+    assert backend.runs == []
