@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -44,31 +45,43 @@ async def _aws_check(
         return name, False, str(error)
 
 
+async def _reach(target: str, call: Awaitable[Any]) -> str:
+    """Await an AWS call about `target`; a failure says which resource it was."""
+    try:
+        await call
+    except (ClientError, BotoCoreError) as error:
+        raise ConfigError(f"{target}: {error}") from None
+    return target
+
+
 async def _queue(clients: AwsClients, settings: Settings) -> str:
     assert settings.queue_url is not None
-    await clients.sqs.get_queue_attributes(QueueUrl=settings.queue_url, AttributeNames=["QueueArn"])
-    return settings.queue_url
+    return await _reach(
+        settings.queue_url,
+        clients.sqs.get_queue_attributes(QueueUrl=settings.queue_url, AttributeNames=["QueueArn"]),
+    )
 
 
 async def _dlq(clients: AwsClients, settings: Settings) -> str:
     assert settings.queue_url is not None
     queue = JobQueue(clients.sqs, settings.queue_url, visibility_timeout=1, wait_s=0)
     url = await dead_letter_queue(queue, settings)
-    await clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
-    return url
+    return await _reach(
+        url, clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    )
 
 
 async def _bucket(clients: AwsClients, settings: Settings) -> str:
     assert settings.bucket is not None
-    await clients.s3.head_bucket(Bucket=settings.bucket)
-    return settings.bucket
+    return await _reach(settings.bucket, clients.s3.head_bucket(Bucket=settings.bucket))
 
 
 async def _topic(clients: AwsClients, settings: Settings) -> str:
     if not settings.topic_arn:
         return "none set: results are written to S3 but not announced (SDWORKER_TOPIC_ARN)"
-    await clients.sns.get_topic_attributes(TopicArn=settings.topic_arn)
-    return settings.topic_arn
+    return await _reach(
+        settings.topic_arn, clients.sns.get_topic_attributes(TopicArn=settings.topic_arn)
+    )
 
 
 _AWS_PROBES = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -48,11 +49,23 @@ def _settings(config: Path | None, sets: list[str] | None, **flags: Any) -> Sett
         import os
 
         os.environ["SDWORKER_CONFIG"] = str(config)
-    extra = dict(item.split("=", 1) for item in sets or [] if "=" in item)
-    bad = [item for item in sets or [] if "=" not in item]
-    if bad:
-        raise ConfigError(f"--set {bad[0]!r}: write it as name=value, e.g. --set max_attempts=5")
-    return load_settings(**extra, **flags)
+    given = {name: value for name, value in flags.items() if value is not None}
+    return load_settings(**{**parse_sets(sets), **given})
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """`--set name=value` pairs, refusing malformed items and names that are no setting."""
+    pairs: dict[str, str] = {}
+    for item in sets or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write it as name=value, e.g. --set max_attempts=5")
+        if name not in Settings.model_fields:
+            close = difflib.get_close_matches(name, Settings.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see docs/configuration.md"
+            raise ConfigError(f"--set {name}: no such setting{hint}")
+        pairs[name] = value
+    return pairs
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -110,7 +123,7 @@ def dev(
     the worker against it. Prints the variables that `sdworker submit` and AWS clients need."""
     from sdworker.local_mode import run_dev
 
-    extra = dict(item.split("=", 1) for item in sets or [] if "=" in item)
+    extra = _guarded(lambda: parse_sets(sets))
     configure_logging("console", "info")
     _run(run_dev(port, {"backend": backend, "backend_url": backend_url, **extra}))
 
@@ -249,5 +262,11 @@ def _guarded(build: Callable[[], T]) -> T:
 
 
 def main() -> None:
-    """Entry point of the `sdworker` script."""
+    """Entry point of the `sdworker` script: plugins add their commands, then it runs."""
+    from sdworker.plugins import plugin_manager
+
+    try:
+        plugin_manager().hook.register_commands(cli=app)
+    except Exception as error:  # a broken plugin must not take the whole command line down
+        typer.secho(f"warning: a plugin failed to load: {error!r}", err=True, fg="yellow")
     app()

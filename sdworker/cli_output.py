@@ -22,7 +22,8 @@ def print_resources(resources: LocalResources) -> None:
     """How to reach a local AWS: the variables `sdworker submit` and AWS clients need."""
     console.print(f"[bold]Local AWS on {resources.endpoint}[/bold] (moto). In another shell:")
     for name, value in resources.environment().items():
-        console.print(f"  export {name}={value}")
+        # Never wrapped or styled: each line must paste into a shell as it is.
+        console.print(f"  export {name}={value}", soft_wrap=True, markup=False, highlight=False)
     console.print('then: sdworker submit --prompt "a red fox in snow" --wait')
 
 

@@ -34,3 +34,9 @@ def process_outputs(request: JobRequest, result: BackendResult) -> BackendResult
 def job_finished(notification: dict[str, Any]) -> Any:
     """After a job's outcome is recorded and announced; may return an awaitable."""
     raise NotImplementedError  # a specification: pluggy never calls it
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """When the command line is built: add commands or sub-apps to the `typer.Typer` `cli`."""
+    raise NotImplementedError  # a specification: pluggy never calls it

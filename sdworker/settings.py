@@ -19,6 +19,7 @@ from pydantic_settings import (
 from sdworker.errors import ConfigError
 
 StrList = Annotated[list[str], NoDecode]
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _RUNTIME_TYPES = {"sdwebui": "a1111", "webui": "a1111"}
 
 
@@ -70,6 +71,14 @@ class Settings(BaseSettings):
     def _runtime_type(cls, value: Any) -> Any:
         """Map the guidance's `RUNTIME_TYPE` names onto backend names."""
         return _RUNTIME_TYPES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: Any) -> Any:
+        """debug, info, warning, error or critical, in any case."""
+        if isinstance(value, str) and value.upper() not in _LEVELS:
+            raise ValueError(f"must be one of {', '.join(level.lower() for level in _LEVELS)}")
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("dynamic_sd_model", mode="before")
     @classmethod
@@ -127,6 +136,16 @@ def env_name(field: str) -> str:
     return f"SDWORKER_{field.upper()}"
 
 
+def _variable_for(location: str) -> str:
+    """The variable a user set for a field (named by field or by alias): theirs, not ours."""
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
+        if location == field or location in names:
+            return next((name for name in names if name in os.environ), env_name(field))
+    return location
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from every source, or a one-line `ConfigError` naming the setting and the fix."""
     config_file = os.environ.get("SDWORKER_CONFIG")
@@ -144,7 +163,6 @@ def load_settings(**overrides: Any) -> Settings:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "settings"
-    name = field if field.isupper() else env_name(field)
+    name = _variable_for(str(first["loc"][0])) if first["loc"] else "settings"
     got = "" if first["type"] == "missing" else f" (got {first.get('input')!r})"
     return f"{name}: {first['msg']}{got}; fix or unset it"

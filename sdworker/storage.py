@@ -12,6 +12,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from PIL import Image
 from types_aiobotocore_s3 import S3Client
+from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
 from types_aiobotocore_sns import SNSClient
 
 from sdworker.backend import Output
@@ -113,6 +114,21 @@ class ResultStore:
             height=output.height,
             seed=output.seed,
         )
+
+    async def remove_stale(self, location: Location, keep: Sequence[str]) -> None:
+        """Delete outputs of an earlier attempt that this attempt did not overwrite."""
+        listing = await self.s3.list_objects_v2(
+            Bucket=location.bucket, Prefix=f"{location.folder}/"
+        )
+        kept = {uri.removeprefix(f"s3://{location.bucket}/") for uri in keep}
+        kept.add(location.key("result.json"))
+        stale: list[ObjectIdentifierTypeDef] = [
+            {"Key": item["Key"]}
+            for item in listing.get("Contents", [])
+            if item["Key"] not in kept and "/" not in item["Key"][len(location.folder) + 1 :]
+        ]
+        if stale:
+            await self.s3.delete_objects(Bucket=location.bucket, Delete={"Objects": stale})
 
     async def put_result(self, location: Location, body: dict[str, Any]) -> None:
         """Write result.json, the job's final notification body and its done marker."""

@@ -56,6 +56,7 @@ class Work:
     timings_ms: dict[str, int] = field(default_factory=dict)
     progress: Progress | None = None
     progress_sent_at: float = 0.0
+    had_previous_result: bool = False
 
     @property
     def job_id(self) -> str | None:
@@ -206,8 +207,8 @@ class Worker:
             except JobError as error:
                 await self._give_up_slot(work)
                 self._spawn(self._record(work, Failed(error)), self._recording)
-            except _AWS_ERRORS as error:
-                log.warning("could not prepare the job; handing it back", error=str(error))
+            except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
+                log.warning("could not prepare the job; handing it back", error=repr(error))
                 await self._give_up_slot(work)
                 await self._hand_back([delivery], delay_s=self._backoff(work.attempt))
 
@@ -250,6 +251,7 @@ class Worker:
     async def _already_done(self, work: Work) -> bool:
         assert work.job is not None and work.location is not None
         previous = await self.store.previous_result(work.location)
+        work.had_previous_result = previous is not None
         if not previous or previous.get("status") not in ("succeeded", "completed"):
             return False
         log.info("job already done; announcing its result again")
@@ -274,33 +276,36 @@ class Worker:
         try:
             if self.settings.notify_running:
                 self._spawn(self._announce(work, notifications.running), self._recording)
-            return await self._generate(work, self.hooks.prepare_job(work.request))
+            return await self._generate(work, work.request)
         finally:
             self._running.pop(work.job.spec.id, None)
             await self._give_up_slot(work)
 
     async def _generate(self, work: Work, request: JobRequest) -> Outcome:
         started = time.monotonic()
-        log.info("generating", task=request.task, attempt=request.attempt)
         try:
-            async with asyncio.timeout(request.timeout_s):
-                result = await self.backend.run(request, self._progress_callback(work))
-        except TimeoutError:
-            await self.backend.interrupt(request.id)
-            return Failed(
-                RetryableError(
-                    f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
-                )
-            )
+            request = self.hooks.prepare_job(request)
+            log.info("generating", task=request.task, attempt=request.attempt)
+            result = self.hooks.process_outputs(request, await self._run_backend(work, request))
         except JobInterrupted:
             return HandBack()
         except JobError as error:
             return Failed(error)
-        except Exception as error:  # a backend bug must not take the worker down
-            log.exception("backend raised an unexpected error")
+        except Exception as error:  # a backend or plugin bug must not take the worker down
+            log.exception("unexpected error while generating")
             return Failed(BackendUnavailable(f"the {self.backend.name} backend failed: {error!r}"))
         work.timings_ms["generate"] = _ms_since(started)
-        return Succeeded(self.hooks.process_outputs(request, result))
+        return Succeeded(result)
+
+    async def _run_backend(self, work: Work, request: JobRequest) -> BackendResult:
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                return await self.backend.run(request, self._progress_callback(work))
+        except TimeoutError:
+            await self.backend.interrupt(request.id)
+            raise RetryableError(
+                f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
+            ) from None
 
     def _progress_callback(self, work: Work) -> ProgressCallback:
         loop = asyncio.get_running_loop()
@@ -333,16 +338,17 @@ class Worker:
                 await self._record_failure(work, outcome.error)
             else:
                 await self._hand_back([work.delivery])
-        except _AWS_ERRORS as error:
-            log.error("could not record the outcome; handing the message back", error=str(error))
+        except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
+            log.error("could not record the outcome; handing the message back", error=repr(error))
             await self._hand_back([work.delivery], delay_s=self._backoff(work.attempt))
 
     async def _record_success(self, work: Work, result: BackendResult) -> None:
         assert work.job is not None and work.location is not None
         started = time.monotonic()
-        stored = await self.store.put_outputs(
-            work.location, result.outputs, work.job.spec.output.format
-        )
+        output_format = work.job.spec.output.format
+        stored = await self.store.put_outputs(work.location, result.outputs, output_format)
+        if work.attempt > 1 or work.had_previous_result:
+            await self.store.remove_stale(work.location, [output.uri for output in stored])
         work.timings_ms["upload"] = _ms_since(started)
         work.timings_ms["total"] = _total_ms(work)
         body = notifications.succeeded(
@@ -353,7 +359,9 @@ class Worker:
             info=dict(result.info),
             timings_ms=work.timings_ms,
         )
-        await self._conclude(work, body)
+        await self._write_and_publish(work, body)
+        await self._finish(work.delivery)
+        await self.hooks.job_finished(body)
         log.info("job succeeded", outputs=len(stored), timings_ms=work.timings_ms)
 
     async def _record_failure(self, work: Work, error: JobError) -> None:
@@ -367,33 +375,38 @@ class Worker:
         if error.retryable:
             error = type(error)(f"{error} (gave up after {work.attempt} attempts)", code=error.code)
         log.error("job failed", error=str(error), code=error.code, attempt=work.attempt)
+        body = self._failure_body(work, error)
+        if body is not None:
+            await self._write_and_publish(work, body)
         await self.queue.send_to(self.dlq_url, work.delivery, f"{error.code}: {error}")
+        await self._finish(work.delivery)
+        if body is not None:
+            await self.hooks.job_finished(body)
+
+    def _failure_body(self, work: Work, error: JobError) -> Body | None:
+        """The failed notification, or None when the message has no readable id to report."""
         job_id = work.job_id or (error.job_id if isinstance(error, InvalidJob) else None)
         if job_id is None:
-            await self._finish(work.delivery)
-            return
-        result_uri = work.location.uri("result.json") if work.location else None
-        body = notifications.failed(
+            return None
+        location = work.location or self._default_location(job_id)
+        return notifications.failed(
             work.job or job_id,
             error,
             self._meta(work),
-            result_uri=result_uri,
+            result_uri=location.uri("result.json") if location else None,
             answer_in=message_format(work.delivery.body),
         )
-        await self._conclude(work, body)
 
-    async def _conclude(self, work: Work, body: dict[str, object]) -> None:
-        """Write result.json, publish, delete: the outcome is recorded only when all three are."""
-        location = work.location or self._default_location(body)
+    async def _write_and_publish(self, work: Work, body: Body) -> None:
+        """Write result.json (the job's done marker), then announce it."""
+        location = work.location or self._default_location(str(body.get("id", "")))
         if location is not None:
             await self.store.put_result(location, body)
         await self.store.publish(self._topic(work), body)
-        await self._finish(work.delivery)
-        await self.hooks.job_finished(body)
 
-    def _default_location(self, body: dict[str, object]) -> Location | None:
-        job_id = body.get("id")
-        if not isinstance(job_id, str) or not self.settings.bucket:
+    def _default_location(self, job_id: str) -> Location | None:
+        """Where a job that failed before its own location was known keeps its result."""
+        if not job_id or not self.settings.bucket:
             return None
         folder = "/".join(part for part in (self.settings.prefix.strip("/"), job_id) if part)
         return Location(bucket=self.settings.bucket, folder=folder)
@@ -494,8 +507,9 @@ class Worker:
             await self.backend.interrupt(work.job_id or "")
         _, pending = await asyncio.wait(runners, timeout=_INTERRUPT_GRACE_S)
         if pending:
+            stuck = [work.delivery for work in self._running.values()]
             await _cancel(list(pending))
-            await self._hand_back([work.delivery for work in running])
+            await self._hand_back(stuck)
 
 
 def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:

@@ -183,6 +183,16 @@ async def test_hook_job_finished_may_return_an_awaitable(
     assert plugin.finished == [{"id": "j", "status": "succeeded"}]
 
 
+def test_hook_register_commands_adds_a_plugins_commands_to_the_cli() -> None:
+    """The diffusers plugin adds `sdworker diffusers make-tiny` through register_commands."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sdworker", "diffusers", "make-tiny", "--help"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tiny Stable Diffusion pipeline" in result.stdout
+
+
 def test_every_hook_has_a_test() -> None:
     """Each hook spec in sdworker.hookspecs has a test_hook_<name>_... test here."""
     hooks = {name for name, value in vars(hookspecs).items() if hasattr(value, "sdworker_spec")}

@@ -1,52 +1,29 @@
-"""The `diffusers` backend plugin: Hugging Face diffusers pipelines, in-process on the GPU."""
+"""The `diffusers` backend plugin: Stable Diffusion pipelines run in-process, on the GPU if any.
+
+Nothing heavy is imported here: torch and diffusers load only when the backend is built.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sdworker.backend import BackendResult, BackendSpec, JobRequest
-from sdworker.errors import ConfigError, UnsupportedJob
+import typer
+
+from sdworker.backend import BackendSpec
 from sdworker.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from sdworker.backend import ProgressCallback
+    from sdworker.backend import Backend
     from sdworker.settings import Settings
 
-TASKS = frozenset({"img2img", "inpaint", "txt2img", "upscale"})
-NOT_IMPLEMENTED = (
-    "the diffusers backend is not implemented yet; "
-    "run SDWORKER_BACKEND=placeholder to smoke-test the pipeline"
-)
+TASKS = frozenset({"img2img", "inpaint", "txt2img"})
 
 
-class DiffusersBackend:
-    """Hugging Face diffusers pipelines on the GPU; not implemented yet: `start` says so."""
+def make_backend(settings: Settings) -> Backend:
+    """Build the backend (this is where torch is imported)."""
+    from sdworker_diffusers.backend import DiffusersBackend
 
-    name = "diffusers"
-    tasks = TASKS
-    capacity = 1
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def start(self) -> None:
-        """Refuse to start, naming the backend that works today."""
-        raise ConfigError(NOT_IMPLEMENTED)
-
-    @property
-    def ready(self) -> bool:
-        """Never ready until implemented."""
-        return False
-
-    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
-        """Fail every job permanently: there is nothing to run it on."""
-        raise UnsupportedJob(NOT_IMPLEMENTED)
-
-    async def interrupt(self, job_id: str) -> None:
-        """Nothing runs, so nothing to stop."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
+    return DiffusersBackend(settings)
 
 
 @hookimpl
@@ -55,8 +32,16 @@ def register_backends() -> list[BackendSpec]:
     return [
         BackendSpec(
             name="diffusers",
-            factory=DiffusersBackend,
+            factory=make_backend,
             tasks=TASKS,
-            description="Hugging Face diffusers pipelines, in-process on the GPU",
+            description="Stable Diffusion 1.x/2.x and SDXL pipelines in-process (GPU if present)",
         )
     ]
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    """Add `sdworker diffusers make-tiny PATH`."""
+    from sdworker_diffusers.cli import diffusers_cli
+
+    cli.add_typer(diffusers_cli, name="diffusers")
