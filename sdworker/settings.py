@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     def _guidance_flag(cls, value: Any) -> Any:
         """As in the guidance agent: any value other than `false` turns the flag on."""
         if isinstance(value, str):
-            return value.strip().lower() not in ("false", "0", "no", "off", "")
+            return value.strip().lower() != "false"
         return value
 
     @field_validator("input_allow", "allowed_buckets", "allowed_topics", mode="before")

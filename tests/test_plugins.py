@@ -23,7 +23,6 @@ from sdworker.settings import Settings
 from sdworker.testing import FakeBackend
 
 BUILT_IN = {"placeholder", "a1111", "comfyui", "diffusers"}
-NOT_IMPLEMENTED = ["a1111", "comfyui", "diffusers"]
 EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
 
 
@@ -83,7 +82,7 @@ def test_no_backend_is_known_without_entry_points() -> None:
         ("placeholder", {"txt2img", "img2img", "upscale"}),
         ("a1111", {"txt2img", "img2img", "inpaint", "upscale"}),
         ("comfyui", {"workflow", "txt2img", "img2img", "inpaint"}),
-        ("diffusers", {"txt2img", "img2img", "inpaint", "upscale"}),
+        ("diffusers", {"txt2img", "img2img", "inpaint"}),
     ],
 )
 def test_each_built_in_backend_declares_its_tasks(name: str, tasks: set[str]) -> None:
@@ -97,17 +96,6 @@ def test_an_unknown_backend_lists_the_installed_ones() -> None:
     """find_backend on an unknown name raises a ConfigError naming the installed backends."""
     with pytest.raises(ConfigError, match=r"SDWORKER_BACKEND.*'nope'.*a1111.*placeholder"):
         find_backend("nope", make_plugin_manager())
-
-
-@pytest.mark.parametrize("name", NOT_IMPLEMENTED)
-async def test_an_unimplemented_backend_refuses_to_start(name: str) -> None:
-    """start() raises a ConfigError that points to the placeholder backend."""
-    backend = find_backend(name, make_plugin_manager()).factory(Settings())
-    with pytest.raises(
-        ConfigError, match=rf"the {name} backend is not implemented yet.*placeholder"
-    ):
-        await backend.start()
-    assert not backend.ready
 
 
 def test_the_backend_plugins_import_nothing_heavy() -> None:

@@ -43,8 +43,12 @@ class DiffusersBackend:
         """Pick the device, load the default model and warm it up; ready only after that."""
         placement = await self._in_thread(resolve_placement, self.options)
         self._store = ModelStore(self.options, placement)
-        log.info("loading the default model", model=self.options.model, device=placement.device,
-                 dtype=str(placement.dtype))
+        log.info(
+            "loading the default model",
+            model=self.options.model,
+            device=placement.device,
+            dtype=str(placement.dtype),
+        )
         await self._in_thread(self._store.get, None)
         if self.options.warmup:
             await self._in_thread(_warm_up, self._store)
@@ -112,8 +116,19 @@ def _guarded_run(
 
 def _warm_up(store: ModelStore) -> None:
     """One tiny generation, so that the first job does not pay for lazy initialisation."""
-    plan = Plan(task="txt2img", model=None, prompt="warm-up", negative_prompt="", width=64,
-                height=64, steps=1, guidance_scale=1.0, strength=1.0, seeds=(0,), sampler=None)
+    plan = Plan(
+        task="txt2img",
+        model=None,
+        prompt="warm-up",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=1,
+        guidance_scale=1.0,
+        strength=1.0,
+        seeds=(0,),
+        sampler=None,
+    )
     run_plan(store, plan, _ignore, threading.Event())
 
 

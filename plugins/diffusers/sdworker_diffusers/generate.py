@@ -73,14 +73,18 @@ def make_plan(request: JobRequest, settings: DiffusersSettings) -> Plan:
 def _side(params: Mapping[str, Any], name: str, settings: DiffusersSettings) -> int:
     value = _bounded(params, name, 8, settings.max_side, default=512)
     if value % 8:
-        raise InvalidJob(f"params.{name}: must be a multiple of 8 (got {value}); try {value // 8 * 8}")
+        raise InvalidJob(
+            f"params.{name}: must be a multiple of 8 (got {value}); try {value // 8 * 8}"
+        )
     return value
 
 
 def _bounded(params: Mapping[str, Any], name: str, low: int, high: int, *, default: int) -> int:
     value = params.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidJob(f"params.{name}: must be a whole number from {low} to {high} (got {value!r})")
+        raise InvalidJob(
+            f"params.{name}: must be a whole number from {low} to {high} (got {value!r})"
+        )
     return value
 
 
@@ -94,8 +98,13 @@ def _loras(value: Any) -> tuple[tuple[str, float], ...]:
     """`[{"name": "x", "weight": 0.8}]` or `{"x": 0.8}`; names refer to files in the LoRA folder."""
     if not value:
         return ()
-    pairs = value.items() if isinstance(value, dict) else (
-        (item.get("name"), item.get("weight", 1.0)) for item in value if isinstance(item, dict))
+    pairs = (
+        value.items()
+        if isinstance(value, dict)
+        else (
+            (item.get("name"), item.get("weight", 1.0)) for item in value if isinstance(item, dict)
+        )
+    )
     loras = tuple((str(name), float(weight)) for name, weight in pairs)
     for name, _ in loras:
         if not _LORA_NAME.match(name):

@@ -32,7 +32,16 @@ def make_tiny_model(path: Path) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
+    _match_real_scheduler_config(path)
     return path
+
+
+def _match_real_scheduler_config(path: Path) -> None:
+    """Real SD 1.x checkpoints set `clip_sample: false`; DDIM/DDPM built from it expect that."""
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["clip_sample"] = False
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def is_model_dir(path: Path) -> bool:

@@ -57,12 +57,18 @@ class TestDiffusersContract(BackendContract):
 
     def request_for(self, task: str) -> JobRequest | None:
         """64×64 jobs of 8 steps, so that an interrupt has steps to land on."""
-        inputs = {"image": InputFile(tiny_png(64, 64), "image/png"),
-                  "mask": InputFile(tiny_png(64, 64, (255, 255, 255)), "image/png")}
+        inputs = {
+            "image": InputFile(tiny_png(64, 64), "image/png"),
+            "mask": InputFile(tiny_png(64, 64, (255, 255, 255)), "image/png"),
+        }
         if task not in ("txt2img", "img2img", "inpaint"):
             return None
-        return JobRequest(id=f"contract-{task}", task=task, inputs=inputs,
-                          params={"prompt": "x", "width": 64, "height": 64, "steps": 8, "seed": 3})
+        return JobRequest(
+            id=f"contract-{task}",
+            task=task,
+            inputs=inputs,
+            params={"prompt": "x", "width": 64, "height": 64, "steps": 8, "seed": 3},
+        )
 
 
 async def test_the_same_seed_gives_byte_identical_images(backend: DiffusersBackend) -> None:
@@ -119,8 +125,9 @@ async def test_inpaint_changes_the_masked_area_more_than_the_rest(
     source = Image.new("RGB", (64, 64), (128, 128, 128))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    job = _with_inputs(request("inpaint", strength=1.0, steps=8),
-                       image=png_input(source), mask=png_input(mask))
+    job = _with_inputs(
+        request("inpaint", strength=1.0, steps=8), image=png_input(source), mask=png_input(mask)
+    )
     output = decoded((await backend.run(job, ignore)).outputs[0].data)
     left = mean_difference(output.crop((0, 0, 32, 64)), source.crop((0, 0, 32, 64)))
     right = mean_difference(output.crop((32, 0, 64, 64)), source.crop((32, 0, 64, 64)))
@@ -128,9 +135,9 @@ async def test_inpaint_changes_the_masked_area_more_than_the_rest(
 
 
 async def test_progress_is_reported_for_every_step(backend: DiffusersBackend) -> None:
-    """A 6-step job reports steps 1..6 of 6."""
+    """Every denoising step is reported once, counting up to the scheduler's own total."""
     readings: list[Progress] = []
-    await backend.run(request(steps=6), readings.append)
+    await backend.run(request(steps=6, sampler="euler"), readings.append)
     assert [(r.value, r.total) for r in readings] == [(n, 6) for n in range(1, 7)]
 
 
@@ -174,14 +181,20 @@ async def test_an_unknown_model_fails_permanently_listing_the_available_ones(
     backend: DiffusersBackend,
 ) -> None:
     """`params.model` must name a configured model; the error lists them."""
-    with pytest.raises(InvalidJob, match=r"params\.model: unknown model 'sdxl'; available: default"):
+    with pytest.raises(
+        InvalidJob, match=r"params\.model: unknown model 'sdxl'; available: default"
+    ):
         await backend.run(request(model="sdxl"), ignore)
 
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"width": 100}, "params.width"), ({"height": 4096}, "params.height"),
-     ({"steps": 0}, "params.steps"), ({"batch_size": 99}, "params.batch_size")],
+    [
+        ({"width": 100}, "params.width"),
+        ({"height": 4096}, "params.height"),
+        ({"steps": 0}, "params.steps"),
+        ({"batch_size": 99}, "params.batch_size"),
+    ],
 )
 async def test_bad_params_fail_permanently_naming_the_field(
     backend: DiffusersBackend, params: dict[str, Any], field: str
