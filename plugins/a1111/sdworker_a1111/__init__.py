@@ -1,52 +1,18 @@
-"""The `a1111` backend plugin: AUTOMATIC1111 Stable Diffusion Web UI, over its HTTP API."""
+"""The `a1111` backend plugin: AUTOMATIC1111 Stable Diffusion Web UI, over its HTTP API.
+
+sdworker runs beside a Web UI started with `--api` (A1111, Forge, SD.Next) and drives it:
+`txt2img`, `img2img`, `inpaint` and `upscale`, a model per job, progress and interrupts of its
+own task only. `sdworker_a1111.testing` ships a fake Web UI for tests.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from sdworker.backend import BackendResult, BackendSpec, JobRequest
-from sdworker.errors import ConfigError, UnsupportedJob
+from sdworker.backend import BackendSpec
 from sdworker.hookspecs import hookimpl
+from sdworker_a1111.backend import TASKS, A1111Backend
+from sdworker_a1111.settings import A1111Settings
 
-if TYPE_CHECKING:
-    from sdworker.backend import ProgressCallback
-    from sdworker.settings import Settings
-
-TASKS = frozenset({"img2img", "inpaint", "txt2img", "upscale"})
-NOT_IMPLEMENTED = (
-    "the a1111 backend is not implemented yet; "
-    "run SDWORKER_BACKEND=placeholder to smoke-test the pipeline"
-)
-
-
-class A1111Backend:
-    """AUTOMATIC1111 Stable Diffusion Web UI over HTTP; not implemented yet: `start` says so."""
-
-    name = "a1111"
-    tasks = TASKS
-    capacity = 1
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def start(self) -> None:
-        """Refuse to start, naming the backend that works today."""
-        raise ConfigError(NOT_IMPLEMENTED)
-
-    @property
-    def ready(self) -> bool:
-        """Never ready until implemented."""
-        return False
-
-    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
-        """Fail every job permanently: there is nothing to run it on."""
-        raise UnsupportedJob(NOT_IMPLEMENTED)
-
-    async def interrupt(self, job_id: str) -> None:
-        """Nothing runs, so nothing to stop."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
+__all__ = ["TASKS", "A1111Backend", "A1111Settings", "register_backends"]
 
 
 @hookimpl
@@ -57,6 +23,6 @@ def register_backends() -> list[BackendSpec]:
             name="a1111",
             factory=A1111Backend,
             tasks=TASKS,
-            description="AUTOMATIC1111 Stable Diffusion Web UI, over its HTTP API",
+            description="AUTOMATIC1111 Stable Diffusion Web UI (or Forge, SD.Next), over its API",
         )
     ]

@@ -1,52 +1,18 @@
-"""The `comfyui` backend plugin: ComfyUI, over its HTTP and websocket API."""
+"""The `comfyui` backend plugin: ComfyUI over its HTTP and websocket API.
+
+Runs `workflow` jobs (an API-format graph, a template document or a named template) and
+`txt2img` / `img2img` / `inpaint` through the workflow templates shipped in `templates/`. See
+`docs/backends/comfyui.md`; `sdworker_comfyui.testing` has a fake ComfyUI server for tests.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from sdworker.backend import BackendResult, BackendSpec, JobRequest
-from sdworker.errors import ConfigError, UnsupportedJob
+from sdworker.backend import BackendSpec
 from sdworker.hookspecs import hookimpl
+from sdworker_comfyui.backend import TASKS, ComfyUIBackend
+from sdworker_comfyui.settings import ComfyUISettings
 
-if TYPE_CHECKING:
-    from sdworker.backend import ProgressCallback
-    from sdworker.settings import Settings
-
-TASKS = frozenset({"img2img", "inpaint", "txt2img", "workflow"})
-NOT_IMPLEMENTED = (
-    "the comfyui backend is not implemented yet; "
-    "run SDWORKER_BACKEND=placeholder to smoke-test the pipeline"
-)
-
-
-class ComfyUIBackend:
-    """ComfyUI, over its HTTP and websocket API; not implemented yet: `start` says so."""
-
-    name = "comfyui"
-    tasks = TASKS
-    capacity = 1
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def start(self) -> None:
-        """Refuse to start, naming the backend that works today."""
-        raise ConfigError(NOT_IMPLEMENTED)
-
-    @property
-    def ready(self) -> bool:
-        """Never ready until implemented."""
-        return False
-
-    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
-        """Fail every job permanently: there is nothing to run it on."""
-        raise UnsupportedJob(NOT_IMPLEMENTED)
-
-    async def interrupt(self, job_id: str) -> None:
-        """Nothing runs, so nothing to stop."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
+__all__ = ["TASKS", "ComfyUIBackend", "ComfyUISettings", "register_backends"]
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""One job on a pipeline: params checked into a `Plan`, then run (blocking) in the backend's thread."""
+"""One job on a pipeline: params checked into a `Plan`, then run in the backend's thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading models: directories, single-file checkpoints or the built-in tiny model, kept in an LRU."""
+"""Loading models: directories, single-file checkpoints or the tiny model, kept in an LRU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings of the diffusers backend: `SDWORKER_DIFFUSERS_*` variables (or the TOML `[diffusers]`)."""
+"""Settings of the diffusers backend: the `SDWORKER_DIFFUSERS_*` variables."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from sdworker_diffusers.samplers import SAMPLERS, sampler_key
 
 
 def request(task: str = "txt2img", job_id: str = "j", **params: Any) -> JobRequest:
-    """A 64×64, 4-step job on the tiny model."""
+    """A 64x64, 4-step job on the tiny model."""
     values = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4, "seed": 1, **params}
     return JobRequest(id=job_id, task=task, params=values)
 
@@ -56,7 +56,7 @@ class TestDiffusersContract(BackendContract):
         await started.close()
 
     def request_for(self, task: str) -> JobRequest | None:
-        """64×64 jobs of 8 steps, so that an interrupt has steps to land on."""
+        """64x64 jobs of 8 steps, so that an interrupt has steps to land on."""
         inputs = {
             "image": InputFile(tiny_png(64, 64), "image/png"),
             "mask": InputFile(tiny_png(64, 64, (255, 255, 255)), "image/png"),
