@@ -1,5 +1,8 @@
 # Everything a fresh machine needs: `make demo` and `make test` create .venv on first use.
 PYTHON ?= python3
+# The CPU build of torch (it lies on these machines' disk); on a GPU machine pass a CUDA build,
+# e.g. `make install TORCH=torch`. A plain `torch` requirement downloads several GB.
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,7 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[local,dev,diffusers]'
 	touch $(STAMP)
 
 test: install

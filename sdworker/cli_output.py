@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from sdworker.local import LocalResources
@@ -13,7 +14,7 @@ from sdworker.plugins import PluginInfo
 
 if TYPE_CHECKING:
     from sdworker.backend import BackendSpec
-    from sdworker.local_mode import DemoResult
+    from sdworker.demo import DemoResult
 
 console = Console()
 
@@ -56,9 +57,14 @@ def print_results(bodies: Iterable[dict[str, Any]], files: dict[str, list[str]])
 
 
 def print_demo(results: Iterable[DemoResult]) -> None:
-    """The demo's summary table."""
+    """What each demo job shows, the summary table, then the notifications as received."""
     results = list(results)
+    for result in results:
+        console.print(f"[bold]{result.job_id}[/bold]: {result.shows}")
     print_results([r.body for r in results], {r.job_id: [str(f) for f in r.files] for r in results})
+    console.rule("notifications received (SNS → results queue)")
+    for result in results:
+        console.print_json(data=result.body)
 
 
 def print_check(checks: Iterable[tuple[str, bool, str]]) -> None:
@@ -66,3 +72,40 @@ def print_check(checks: Iterable[tuple[str, bool, str]]) -> None:
     for name, ok, detail in checks:
         mark = "[green]ok[/green]  " if ok else "[red]FAIL[/red]"
         console.print(f"{mark} {name}: {detail}")
+
+
+class JobProgress:
+    """One progress bar per job, moved by `progress` and final notifications."""
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        for job_id in ids:
+            self._bar(job_id)
+
+    def __enter__(self) -> JobProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.progress.stop()
+
+    def _bar(self, job_id: str) -> TaskID:
+        if job_id not in self.tasks:
+            self.tasks[job_id] = self.progress.add_task(job_id, total=1.0, status="queued")
+        return self.tasks[job_id]
+
+    def update(self, body: dict[str, Any]) -> None:
+        """Move the bar of the job a notification is about (adding a bar for a new job)."""
+        status = str(body.get("status"))
+        fraction = body.get("progress", {}).get("fraction")
+        if status in ("succeeded", "completed", "failed"):
+            fraction = 1.0
+        self.progress.update(
+            self._bar(str(body.get("id"))), completed=fraction or 0.0, status=status
+        )

@@ -1,12 +1,10 @@
-"""`sdworker dev` and `sdworker demo`: the whole pipeline on this machine, no AWS account."""
+"""Local mode: an embedded AWS emulator and a worker against it, no AWS account needed."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -14,17 +12,9 @@ import pluggy
 from sdworker.app import run_worker
 from sdworker.aws import aws_clients
 from sdworker.backend import Backend
-from sdworker.client import Follower, download, new_job, output_uris, send_jobs
 from sdworker.local import LocalAws, LocalResources, create_resources
 from sdworker.settings import Settings, load_settings
 from sdworker.worker import Worker
-
-DEMO_PROMPTS = (
-    "a red fox in fresh snow, golden hour",
-    "a lighthouse on a cliff in a storm",
-    "a bowl of ramen, studio lighting",
-    "an astronaut riding a horse on the moon",
-)
 
 
 @asynccontextmanager
@@ -53,30 +43,6 @@ def local_settings(resources: LocalResources, **overrides: Any) -> Settings:
     return load_settings(**{**values, **overrides})
 
 
-@dataclass(frozen=True)
-class DemoResult:
-    """One demo job: its final notification and the files downloaded for it."""
-
-    job_id: str
-    prompt: str
-    body: dict[str, Any]
-    files: list[Path]
-
-
-async def run_demo(
-    backend: str, count: int, out: Path, overrides: dict[str, Any] | None = None
-) -> list[DemoResult]:
-    """Start local AWS and a worker, submit `count` jobs, wait, download, stop."""
-    async with local_aws() as resources:
-        settings = local_settings(resources, backend=backend, **(overrides or {}))
-        worker, serving = await start_worker(settings)
-        try:
-            return await _submit_demo_jobs(resources, count, out)
-        finally:
-            worker.stop()
-            await serving
-
-
 async def start_worker(
     settings: Settings,
     backend: Backend | None = None,
@@ -92,35 +58,6 @@ async def start_worker(
         serving.result()
         raise RuntimeError("the worker stopped before it started")
     return started.result(), serving
-
-
-async def _submit_demo_jobs(resources: LocalResources, count: int, out: Path) -> list[DemoResult]:
-    jobs = [
-        new_job(
-            job_id=f"demo-{n}",
-            params={
-                "prompt": DEMO_PROMPTS[n % len(DEMO_PROMPTS)],
-                "width": 64 * (1 + n % 2),
-                "height": 64,
-                "steps": 8,
-                "seed": 1000 + n,
-            },
-        )
-        for n in range(count)
-    ]
-    async with aws_clients() as clients:
-        ids = await send_jobs(clients, jobs, queue_url=resources.queue_url)
-        follower = Follower(clients, resources.bucket, "results", resources.results_queue_url)
-        bodies = await follower.wait(ids, timeout_s=300)
-        return [
-            DemoResult(
-                job["id"],
-                job["params"]["prompt"],
-                bodies[job["id"]],
-                await download(clients, output_uris(bodies[job["id"]]), out),
-            )
-            for job in jobs
-        ]
 
 
 async def run_dev(port: int, overrides: dict[str, Any]) -> LocalResources:

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
-
 from sdworker.aws import aws_clients
-from sdworker.cli_output import console, print_results
+from sdworker.cli_output import JobProgress, console, print_results
 from sdworker.client import Follower, download, new_job, output_uris, send_jobs
 from sdworker.errors import ConfigError
 from sdworker.settings import Settings
@@ -84,7 +82,7 @@ async def submit_jobs(
             return True
         settings.require("bucket")
         assert settings.bucket is not None
-        with _ProgressBars(ids) as bars:
+        with JobProgress(ids) as bars:
             follower = Follower(
                 clients, settings.bucket, settings.prefix, options.results_queue_url, bars.update
             )
@@ -95,36 +93,3 @@ async def submit_jobs(
         }
     print_results(bodies.values(), files)
     return all(body.get("status") in ("succeeded", "completed") for body in bodies.values())
-
-
-class _ProgressBars:
-    """One progress bar per job, moved by `progress` and final notifications."""
-
-    def __init__(self, ids: list[str]) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-        )
-        self.tasks: dict[str, TaskID] = {
-            job_id: self.progress.add_task(job_id, total=1.0, status="queued") for job_id in ids
-        }
-
-    def __enter__(self) -> _ProgressBars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.progress.stop()
-
-    def update(self, body: dict[str, Any]) -> None:
-        """Move the bar of the job a notification is about."""
-        task = self.tasks.get(str(body.get("id")))
-        if task is None:
-            return
-        status = str(body.get("status"))
-        fraction = body.get("progress", {}).get("fraction")
-        if status in ("succeeded", "completed", "failed"):
-            fraction = 1.0
-        self.progress.update(task, completed=fraction or 0.0, status=status)

@@ -461,17 +461,20 @@ async def test_dev_prints_working_exports_and_stops_on_ctrl_c(tmp_path: Path) ->
             await process.wait()
 
 
-async def test_demo_runs_jobs_end_to_end(tmp_path: Path) -> None:
-    """`demo --jobs 2` exits 0, saves two PNGs and says 2 of 2 jobs succeeded."""
+async def test_demo_runs_its_jobs_end_to_end(tmp_path: Path) -> None:
+    """`demo` saves every output, fails only its invalid job on purpose, and exits 0."""
     out = tmp_path / "demo"
-    args = ("--backend", "placeholder", "--jobs", "2", "--out", str(out))  # no model download
-    ran = await sdworker("demo", *args, env=clean_env())
+    args = ("--backend", "placeholder", "--out", str(out))  # the diffusers run is its own test
+    ran = await sdworker("demo", *args, env={**clean_env(), "COLUMNS": "200"})
     assert ran.code == 0, ran.stdout + ran.stderr
     assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*.png")) == [
-        "demo-0/0.png",
-        "demo-1/0.png",
+        "demo-batch/0.png",
+        "demo-batch/1.png",
+        "demo-img2img/0.png",
+        "demo-txt2img/0.png",
     ]
-    assert f"2 of 2 jobs succeeded; outputs in {out}/" in ran.stdout
+    assert "3 of 4 jobs succeeded (demo-invalid is meant to fail)" in ran.stdout
+    assert "params.steps" in ran.stdout
 
 
 # --- run: settings ------------------------------------------------------------------------------

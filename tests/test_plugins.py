@@ -175,7 +175,9 @@ def test_hook_register_commands_adds_a_plugins_commands_to_the_cli() -> None:
     """The diffusers plugin adds `sdworker diffusers make-tiny` through register_commands."""
     result = subprocess.run(
         [sys.executable, "-m", "sdworker", "diffusers", "make-tiny", "--help"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "tiny Stable Diffusion pipeline" in result.stdout

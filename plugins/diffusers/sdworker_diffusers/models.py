@@ -53,7 +53,9 @@ class LoadedModel:
 
         auto = getattr(diffusers, TASK_PIPELINES[task])
         scheduler = scheduler or type(self.base.scheduler).from_config(self.base.scheduler.config)
-        return auto.from_pipe(self.base, scheduler=scheduler)
+        pipeline = auto.from_pipe(self.base, scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
 
 class ModelStore:
@@ -194,12 +196,14 @@ def place(pipeline: Any, placement: Placement) -> None:
 
 def resolve_placement(settings: DiffusersSettings) -> Placement:
     """CUDA with fp16 when present (bf16 if asked), else CPU float32; settings can force either."""
-    import diffusers
     import torch
     import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # before diffusers imports its processors
     transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
 
     device = settings.device
     if device == "auto":
