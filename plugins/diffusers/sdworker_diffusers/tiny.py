@@ -143,3 +143,24 @@ def describe(path: Path) -> str:
     index = json.loads((path / "model_index.json").read_text())
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return f"{index['_class_name']} at {path} ({size / 2**20:.1f} MiB)"
+
+
+def make_tiny_lora(model: Path, folder: Path, name: str = "tiny-style") -> Path:
+    """Write a LoRA for the tiny model's U-Net (random, seeded), as `folder/name.safetensors`."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    torch.manual_seed(WEIGHT_SEED + 1)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipeline.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipeline.unet))
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers, weight_name=f"{name}.safetensors"
+    )
+    return folder / f"{name}.safetensors"

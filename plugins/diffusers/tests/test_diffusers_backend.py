@@ -16,6 +16,7 @@ from sdworker.settings import Settings
 from sdworker.testing import BackendContract, tiny_png
 from sdworker_diffusers.backend import DiffusersBackend
 from sdworker_diffusers.samplers import SAMPLERS, sampler_key
+from sdworker_diffusers.tiny import make_tiny_lora
 
 
 def request(task: str = "txt2img", job_id: str = "j", **params: Any) -> JobRequest:
@@ -237,3 +238,63 @@ async def test_named_models_are_selectable_and_evicted_least_recently_used(
         assert backend._store is not None and list(backend._store._loaded) == ["second"]
     finally:
         await backend.close()
+
+
+@pytest.fixture
+async def lora_backend(model_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A backend whose LoRA folder holds one LoRA, `tiny-style`."""
+    make_tiny_lora(model_env, tmp_path / "loras")
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_LORA_DIR", str(tmp_path / "loras"))
+    started = DiffusersBackend(Settings())
+    await started.start()
+    yield started
+    await started.close()
+
+
+async def test_a_lora_changes_the_image_and_is_unloaded_after_the_job(
+    lora_backend: DiffusersBackend,
+) -> None:
+    """A job with a LoRA differs from one without; the next plain job is as before."""
+    plain = await lora_backend.run(request(), ignore)
+    styled = await lora_backend.run(request(loras=[{"name": "tiny-style", "weight": 1.0}]), ignore)
+    after = await lora_backend.run(request(), ignore)
+    assert styled.outputs[0].data != plain.outputs[0].data
+    assert after.outputs[0].data == plain.outputs[0].data
+
+
+async def test_an_unknown_lora_fails_permanently_listing_the_available_ones(
+    lora_backend: DiffusersBackend,
+) -> None:
+    """A LoRA name not in the folder names params.loras and lists what is there."""
+    with pytest.raises(InvalidJob, match=r"params\.loras: no LoRA named 'nope'.*tiny-style"):
+        await lora_backend.run(request(loras={"nope": 0.5}), ignore)
+
+
+async def test_the_backend_is_ready_only_once_its_default_model_is_loaded(model_env: Path) -> None:
+    """Before start() the backend is not ready; after it, it is."""
+    backend = DiffusersBackend(Settings())
+    assert not backend.ready
+    await backend.start()
+    try:
+        assert backend.ready
+    finally:
+        await backend.close()
+    assert not backend.ready
+
+
+async def test_the_event_loop_stays_live_while_a_job_generates(backend: DiffusersBackend) -> None:
+    """Generation runs in a thread: a ticker on the loop keeps ticking during a job."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await backend.run(request(steps=12, width=128, height=128), ignore)
+    finally:
+        task.cancel()
+    assert ticks >= 10
