@@ -82,7 +82,7 @@ def test_no_backend_is_known_without_entry_points() -> None:
         ("placeholder", {"txt2img", "img2img", "upscale"}),
         ("a1111", {"txt2img", "img2img", "inpaint", "upscale"}),
         ("comfyui", {"workflow", "txt2img", "img2img", "inpaint"}),
-        ("diffusers", {"txt2img", "img2img", "inpaint"}),
+        ("diffusers", {"txt2img", "img2img", "inpaint", "upscale"}),
     ],
 )
 def test_each_built_in_backend_declares_its_tasks(name: str, tasks: set[str]) -> None:

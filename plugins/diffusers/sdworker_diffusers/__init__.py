@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sdworker.backend import Backend
     from sdworker.settings import Settings
 
-TASKS = frozenset({"img2img", "inpaint", "txt2img"})
+TASKS = frozenset({"img2img", "inpaint", "txt2img", "upscale"})  # upscale: when configured
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -34,7 +34,8 @@ def register_backends() -> list[BackendSpec]:
             name="diffusers",
             factory=make_backend,
             tasks=TASKS,
-            description="Stable Diffusion 1.x/2.x and SDXL pipelines in-process (GPU if present)",
+            description="Stable Diffusion 1.x/2.x and SDXL in-process (GPU if present); "
+            "upscale with SDWORKER_DIFFUSERS_UPSCALER",
         )
     ]
 

@@ -29,11 +29,11 @@ class DiffusersBackend:
     """Runs txt2img, img2img and inpaint on Stable Diffusion 1.x/2.x and SDXL models."""
 
     name = "diffusers"
-    tasks = TASKS
     capacity = 1
 
     def __init__(self, settings: Settings) -> None:
         self.options = load_diffusers_settings()
+        self.tasks = TASKS | ({"upscale"} if self.options.upscaler else set())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusers")
         self._store: ModelStore | None = None
         self._stops: dict[str, threading.Event] = {}
@@ -50,6 +50,8 @@ class DiffusersBackend:
             dtype=str(placement.dtype),
         )
         await self._in_thread(self._store.get, None)
+        if self.options.upscaler:
+            await self._in_thread(self._store.upscaler)
         if self.options.warmup:
             await self._in_thread(_warm_up, self._store)
         self._ready = True

@@ -39,6 +39,7 @@ class Plan:
     seeds: tuple[int, ...]
     sampler: str | None
     loras: tuple[tuple[str, float], ...] = ()
+    noise_level: int = 20
     image: Image.Image | None = None
     mask: Image.Image | None = None
 
@@ -52,6 +53,12 @@ def make_plan(request: JobRequest, settings: DiffusersSettings) -> Plan:
     strength = float(params.get("strength", 0.75))
     if request.task in ("img2img", "inpaint") and not 0 < strength <= 1:
         raise InvalidJob(f"params.strength: must be above 0 and at most 1 (got {strength})")
+    image = _image(request.inputs, "image", required=request.task != "txt2img")
+    if request.task == "upscale" and image and max(image.size) * 4 > settings.max_side:
+        raise InvalidJob(
+            f"inputs.image: {image.width}x{image.height} upscaled x4 exceeds "
+            f"SDWORKER_DIFFUSERS_MAX_SIDE ({settings.max_side}); send a smaller image"
+        )
     return Plan(
         task=request.task,
         model=params.get("model"),
@@ -65,7 +72,8 @@ def make_plan(request: JobRequest, settings: DiffusersSettings) -> Plan:
         seeds=_seeds(params.get("seed"), batch),
         sampler=params.get("sampler"),
         loras=_loras(params.get("loras")),
-        image=_image(request.inputs, "image", required=request.task != "txt2img"),
+        noise_level=_bounded(params, "noise_level", 0, 350, default=20),
+        image=image,
         mask=_image(request.inputs, "mask", required=request.task == "inpaint"),
     )
 
@@ -125,13 +133,45 @@ def run_plan(
     store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
 ) -> list[Output]:
     """Run the plan on its model's pipeline; raise `JobInterrupted` if `stop` was set."""
+    run = _upscale if plan.task == "upscale" else _diffuse
+    images = run(store, plan, progress, stop)
+    if stop.is_set():
+        raise JobInterrupted("interrupted at a step boundary")
+    return [_png(image, seed) for image, seed in zip(images, plan.seeds, strict=True)]
+
+
+def _diffuse(
+    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
+) -> list[Image.Image]:
     model = store.get(plan.model)
     pipeline = model.for_task(plan.task, scheduler_for(plan.sampler, model.base.scheduler.config))
     with _loras_applied(pipeline, plan.loras, store.settings.lora_dir):
         result = pipeline(**pipeline_arguments(plan), callback_on_step_end=_on_step(progress, stop))
-    if stop.is_set():
-        raise JobInterrupted("interrupted at a step boundary")
-    return [_png(image, seed) for image, seed in zip(result.images, plan.seeds, strict=True)]
+    return list(result.images)
+
+
+class _Stopped(Exception):
+    """Raised from an old-style step callback: the only way to leave that pipeline's loop."""
+
+
+def _upscale(
+    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
+) -> list[Image.Image]:
+    def on_step(step: int, timestep: Any, latents: Any) -> None:
+        progress(Progress(step + 1, plan.steps))
+        if stop.is_set():
+            raise _Stopped
+
+    arguments = pipeline_arguments(plan)
+    for unused in ("width", "height", "strength"):
+        arguments.pop(unused, None)
+    try:
+        result = store.upscaler()(
+            **arguments, noise_level=plan.noise_level, callback=on_step, callback_steps=1
+        )
+    except _Stopped:
+        return []
+    return list(result.images)
 
 
 def pipeline_arguments(plan: Plan) -> dict[str, Any]:
@@ -148,6 +188,8 @@ def pipeline_arguments(plan: Plan) -> dict[str, Any]:
         "width": plan.width,
         "height": plan.height,
     }
+    if plan.task == "upscale":
+        arguments["image"] = plan.image
     if plan.task in ("img2img", "inpaint"):
         assert plan.image is not None
         arguments["image"] = plan.image.resize((plan.width, plan.height))

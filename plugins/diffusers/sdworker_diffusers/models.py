@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdworker.errors import ConfigError, InvalidJob
 from sdworker_diffusers.settings import TINY, DiffusersSettings
-from sdworker_diffusers.tiny import is_model_dir, make_tiny_model
+from sdworker_diffusers.tiny import is_model_dir, make_tiny_model, make_tiny_upscaler
 
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -21,6 +22,7 @@ FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
 }
+UPSCALERS = frozenset({"StableDiffusionUpscalePipeline"})
 TASK_PIPELINES = {
     "txt2img": "AutoPipelineForText2Image",
     "img2img": "AutoPipelineForImage2Image",
@@ -66,6 +68,7 @@ class ModelStore:
         self.placement = placement
         self.paths = {DEFAULT_NAME: settings.model, **settings.models}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._upscaler: Any = None
 
     def names(self) -> list[str]:
         """Every model a job may name in `params.model`."""
@@ -82,6 +85,23 @@ class ModelStore:
         while len(self._loaded) > self.settings.cache_size:
             self._evict(next(iter(self._loaded)))
         return model
+
+    def upscaler(self) -> Any:
+        """The configured upscale pipeline, loaded on first use and kept."""
+        if self._upscaler is None:
+            assert self.settings.upscaler, "no upscaler configured"
+            location = self._materialise(
+                self.settings.upscaler, "tiny-upscaler", make_tiny_upscaler
+            )
+            pipeline = load_pipeline(location, self.settings, self.placement.dtype)
+            if type(pipeline).__name__ not in UPSCALERS:
+                raise ConfigError(
+                    f"SDWORKER_DIFFUSERS_UPSCALER: {type(pipeline).__name__} is not an upscale "
+                    "pipeline; use a StableDiffusionUpscalePipeline (x4)"
+                )
+            place(pipeline, self.placement)
+            self._upscaler = pipeline
+        return self._upscaler
 
     def _resolve_name(self, name: str | None) -> str:
         if not name:
@@ -103,7 +123,8 @@ class ModelStore:
             torch.cuda.empty_cache()
 
     def _load(self, name: str, location: str) -> LoadedModel:
-        pipeline = load_pipeline(self._materialise(location), self.settings, self.placement.dtype)
+        location = self._materialise(location, "tiny-sd", make_tiny_model)
+        pipeline = load_pipeline(location, self.settings, self.placement.dtype)
         family = FAMILIES.get(type(pipeline).__name__)
         if family is None:
             raise ConfigError(
@@ -113,12 +134,13 @@ class ModelStore:
         place(pipeline, self.placement)
         return LoadedModel(name=name, family=family, base=pipeline)
 
-    def _materialise(self, location: str) -> str:
+    def _materialise(self, location: str, name: str, make: Callable[[Path], Path]) -> str:
+        """`tiny` means the built-in tiny pipeline, written once to the cache folder."""
         if location != TINY:
             return location
-        folder = Path(self.settings.cache_dir or Path.home() / ".cache" / "sdworker") / "tiny-sd"
+        folder = Path(self.settings.cache_dir or Path.home() / ".cache" / "sdworker") / name
         if not is_model_dir(folder):
-            make_tiny_model(folder)
+            make(folder)
         return str(folder)
 
 
@@ -143,7 +165,7 @@ def _from_directory(path: Path, dtype: Any) -> Any:
     if not is_model_dir(path):
         raise ConfigError(f"SDWORKER_DIFFUSERS_MODEL: {path} has no model_index.json")
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-    if class_name not in FAMILIES:
+    if class_name not in FAMILIES and class_name not in UPSCALERS:
         raise ConfigError(f"model at {path}: {class_name or 'unknown'} pipelines are not supported")
     return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
 

@@ -34,6 +34,7 @@ class DiffusersSettings(BaseSettings):
     max_batch: int = Field(8, ge=1, description="Largest batch_size accepted")
     max_steps: int = Field(150, ge=1)
     lora_dir: str | None = Field(None, description="Folder of LoRA .safetensors files by name")
+    upscaler: str | None = Field(None, description="A saved x4 upscale pipeline for `upscale`")
     warmup: bool = Field(True, description="Run one tiny generation at start")
     cache_dir: str | None = Field(None, description="Where the built-in tiny model is written")
 

@@ -44,6 +44,44 @@ def _match_real_scheduler_config(path: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2))
 
 
+def make_tiny_upscaler(path: Path) -> Path:
+    """Write a tiny x4 `StableDiffusionUpscalePipeline` (seeded weights) to `path`."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    torch.manual_seed(WEIGHT_SEED)
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=_vae(blocks=3, scaling_factor=0.08333),  # as the real x4 upscaler's
+        text_encoder=_text_encoder(),
+        tokenizer=_tokenizer(),
+        unet=_upscale_unet(),
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _upscale_unet() -> object:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, False),
+        num_class_embeds=100,
+    )
+
+
 def is_model_dir(path: Path) -> bool:
     """Whether `path` holds a saved pipeline (its `model_index.json`)."""
     return (path / "model_index.json").is_file()
@@ -66,18 +104,19 @@ def _unet() -> object:
     )
 
 
-def _vae() -> object:
+def _vae(blocks: int = 2, scaling_factor: float = 0.18215) -> object:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 32, 64)[-blocks:],
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
+        scaling_factor=scaling_factor,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from sdworker.backend import InputFile, JobRequest, Progress
-from sdworker.errors import ConfigError, InvalidJob, JobInterrupted
+from sdworker.errors import ConfigError, InvalidJob, JobInterrupted, UnsupportedJob
 from sdworker.settings import Settings
 from sdworker.testing import BackendContract, tiny_png
 from sdworker_diffusers.backend import DiffusersBackend
@@ -298,3 +298,36 @@ async def test_the_event_loop_stays_live_while_a_job_generates(backend: Diffuser
     finally:
         task.cancel()
     assert ticks >= 10
+
+
+@pytest.fixture
+async def upscale_backend(
+    model_env: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """A backend with the tiny x4 upscaler configured."""
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_UPSCALER", "tiny")
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    started = DiffusersBackend(Settings())
+    await started.start()
+    yield started
+    await started.close()
+
+
+async def test_upscale_runs_four_times_larger_when_an_upscaler_is_configured(
+    upscale_backend: DiffusersBackend,
+) -> None:
+    """With SDWORKER_DIFFUSERS_UPSCALER, a 16x16 input comes back 64x64, with progress."""
+    readings: list[Progress] = []
+    job = _with_inputs(request("upscale", steps=3), image=png_input(Image.new("RGB", (16, 16))))
+    result = await upscale_backend.run(job, readings.append)
+    assert (result.outputs[0].width, result.outputs[0].height) == (64, 64)
+    assert [r.value for r in readings] == [1, 2, 3]
+    assert "upscale" in upscale_backend.tasks
+
+
+async def test_upscale_is_unsupported_without_an_upscaler(backend: DiffusersBackend) -> None:
+    """Without an upscaler the task is not offered, and asking for it is UnsupportedJob."""
+    job = _with_inputs(request("upscale"), image=png_input(Image.new("RGB", (16, 16))))
+    assert "upscale" not in backend.tasks
+    with pytest.raises(UnsupportedJob, match="upscale"):
+        await backend.run(job, ignore)
