@@ -426,3 +426,19 @@ async def test_an_output_bucket_outside_the_allowed_ones_is_refused(
     [body] = await finals(clients, resources, 1)
     assert body["status"] == "failed" and "SDWORKER_ALLOWED_BUCKETS" in body["error"]["message"]
     assert backend.runs == []
+
+
+async def test_a_second_stop_hands_back_a_running_job_at_once(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With a long deadline the job may finish, but a second signal hands it back now."""
+    backend = FakeBackend(latency=30, steps=30)
+    await send(clients, resources, job("impatient"))
+    worker = await start(backend, shutdown_deadline=60)
+    await eventually(lambda: _running_with_in_flight(backend, clients, resources, 1))
+    worker.stop()
+    await asyncio.sleep(0.3)
+    assert await queue_counts(clients, resources.queue_url) == (0, 1)  # still running
+    worker.stop()
+    await eventually(lambda: _visible_is(clients, resources, 1), within_s=3, interval=0.05)
+    assert backend.interrupted == ["impatient"]
