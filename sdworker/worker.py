@@ -6,12 +6,10 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from sdworker import notifications
 from sdworker.backend import (
@@ -31,64 +29,18 @@ from sdworker.errors import (
     UnsupportedJob,
 )
 from sdworker.inputs import InputFetcher
-from sdworker.jobs import Job, message_format, parse_message
+from sdworker.jobs import Job, parse_message
 from sdworker.notifications import Body
 from sdworker.plugins import PluginHooks
 from sdworker.queue import Delivery, Heartbeat, JobQueue
+from sdworker.recorder import AWS_ERRORS, Recorder
 from sdworker.settings import Settings
-from sdworker.storage import Location, ResultStore
+from sdworker.storage import ResultStore
+from sdworker.work import Failed, HandBack, Outcome, Succeeded, Work, ms_since, queued_ms
 
 log = structlog.get_logger("sdworker.worker")
 
-_AWS_ERRORS = (ClientError, BotoCoreError, OSError)
-_MAX_BACKOFF_S = 900
 _INTERRUPT_GRACE_S = 5.0
-
-
-@dataclass
-class Work:
-    """One received message on its way through the worker."""
-
-    delivery: Delivery
-    job: Job | None = None
-    location: Location | None = None
-    request: JobRequest | None = None
-    timings_ms: dict[str, int] = field(default_factory=dict)
-    progress: Progress | None = None
-    progress_sent_at: float = 0.0
-    had_previous_result: bool = False
-
-    @property
-    def job_id(self) -> str | None:
-        """The job id, once known."""
-        return self.job.spec.id if self.job else None
-
-    @property
-    def attempt(self) -> int:
-        """Which delivery of this message this is (SQS's receive count)."""
-        return self.delivery.receive_count
-
-
-@dataclass(frozen=True)
-class Succeeded:
-    """The backend produced outputs."""
-
-    result: BackendResult
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The job failed; `error` says whether a retry may help."""
-
-    error: JobError
-
-
-@dataclass(frozen=True)
-class HandBack:
-    """The job was interrupted on purpose; its message goes back to the queue."""
-
-
-Outcome = Succeeded | Failed | HandBack
 
 
 class LeaveForOthers(Exception):
@@ -115,8 +67,16 @@ class Worker:
         self.fetcher = fetcher
         self.backend = backend
         self.hooks = hooks
-        self.dlq_url = dlq_url
         self.heartbeat = Heartbeat(queue)
+        self.recorder = Recorder(
+            settings,
+            queue=queue,
+            store=store,
+            heartbeat=self.heartbeat,
+            hooks=hooks,
+            dlq_url=dlq_url,
+            backend_name=backend.name,
+        )
         self.capacity = settings.concurrency or backend.capacity
         self.limit = self.capacity + settings.prefetch
         self._ready: asyncio.Queue[Work | None] = asyncio.Queue()
@@ -176,7 +136,7 @@ class Worker:
             try:
                 deliveries = await self.queue.receive(wanted)
                 failures = 0
-            except _AWS_ERRORS as error:
+            except AWS_ERRORS as error:
                 failures += 1
                 log.warning("receive failed; retrying", error=str(error), attempt=failures)
                 await asyncio.sleep(min(30.0, 0.5 * 2**failures))
@@ -197,20 +157,22 @@ class Worker:
     # prepare ------------------------------------------------------------------------------
 
     async def _prepare(self, delivery: Delivery) -> None:
-        work = Work(delivery=delivery, timings_ms=_queued(delivery))
+        work = Work(delivery=delivery, timings_ms=queued_ms(delivery))
         with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
             try:
                 await self._prepare_work(work)
             except LeaveForOthers:
                 await self._give_up_slot(work)
-                await self._hand_back([delivery], delay_s=int(self.settings.retry_backoff))
+                await self.recorder.hand_back([delivery], delay_s=int(self.settings.retry_backoff))
             except JobError as error:
                 await self._give_up_slot(work)
-                self._spawn(self._record(work, Failed(error)), self._recording)
+                self._spawn(self.recorder.record(work, Failed(error)), self._recording)
             except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
                 log.warning("could not prepare the job; handing it back", error=repr(error))
                 await self._give_up_slot(work)
-                await self._hand_back([delivery], delay_s=self._backoff(work.attempt))
+                await self.recorder.hand_back(
+                    [delivery], delay_s=self.recorder.backoff(work.attempt)
+                )
 
     async def _prepare_work(self, work: Work) -> None:
         try:
@@ -222,13 +184,14 @@ class Worker:
         self._check_routing(work.job)
         work.location = self.store.location(work.job)
         self.store.topic(work.job)
-        if await self._already_done(work):
+        if await self.recorder.reannounce(work):
+            await self._give_up_slot(work)
             return
         started = time.monotonic()
         inputs = await self.fetcher.fetch_all(
             {name: uri for name, uri in work.job.spec.inputs.items() if uri}
         )
-        work.timings_ms["inputs"] = _ms_since(started)
+        work.timings_ms["inputs"] = ms_since(started)
         work.request = _request(work, inputs)
         await self._ready.put(work)
 
@@ -248,18 +211,6 @@ class Worker:
                 f"it runs {supported}"
             )
 
-    async def _already_done(self, work: Work) -> bool:
-        assert work.job is not None and work.location is not None
-        previous = await self.store.previous_result(work.location)
-        work.had_previous_result = previous is not None
-        if not previous or previous.get("status") not in ("succeeded", "completed"):
-            return False
-        log.info("job already done; announcing its result again")
-        await self.store.publish(self.store.topic(work.job), previous)
-        await self._give_up_slot(work)
-        await self._finish(work.delivery)
-        return True
-
     # generate -----------------------------------------------------------------------------
 
     async def _runner(self) -> None:
@@ -268,14 +219,14 @@ class Worker:
             assert work.job is not None
             with structlog.contextvars.bound_contextvars(job_id=work.job.spec.id):
                 outcome = await self._execute(work)
-                self._spawn(self._record(work, outcome), self._recording)
+                self._spawn(self.recorder.record(work, outcome), self._recording)
 
     async def _execute(self, work: Work) -> Outcome:
         assert work.job is not None and work.request is not None
         self._running[work.job.spec.id] = work
         try:
             if self.settings.notify_running:
-                self._spawn(self._announce(work, notifications.running), self._recording)
+                self._spawn(self.recorder.announce(work, notifications.running), self._recording)
             return await self._generate(work, work.request)
         finally:
             self._running.pop(work.job.spec.id, None)
@@ -294,7 +245,7 @@ class Worker:
         except Exception as error:  # a backend or plugin bug must not take the worker down
             log.exception("unexpected error while generating")
             return Failed(BackendUnavailable(f"the {self.backend.name} backend failed: {error!r}"))
-        work.timings_ms["generate"] = _ms_since(started)
+        work.timings_ms["generate"] = ms_since(started)
         return Succeeded(result)
 
     async def _run_backend(self, work: Work, request: JobRequest) -> BackendResult:
@@ -326,141 +277,13 @@ class Worker:
         if interval and now - work.progress_sent_at >= interval:
             work.progress_sent_at = now
             announce = functools.partial(_with_progress, reading=progress)
-            self._spawn(self._announce(work, announce), self._recording)
-
-    # record -------------------------------------------------------------------------------
-
-    async def _record(self, work: Work, outcome: Outcome) -> None:
-        try:
-            if isinstance(outcome, Succeeded):
-                await self._record_success(work, outcome.result)
-            elif isinstance(outcome, Failed):
-                await self._record_failure(work, outcome.error)
-            else:
-                await self._hand_back([work.delivery])
-        except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
-            log.error("could not record the outcome; handing the message back", error=repr(error))
-            await self._hand_back([work.delivery], delay_s=self._backoff(work.attempt))
-
-    async def _record_success(self, work: Work, result: BackendResult) -> None:
-        assert work.job is not None and work.location is not None
-        started = time.monotonic()
-        output_format = work.job.spec.output.format
-        stored = await self.store.put_outputs(work.location, result.outputs, output_format)
-        if work.attempt > 1 or work.had_previous_result:
-            await self.store.remove_stale(work.location, [output.uri for output in stored])
-        work.timings_ms["upload"] = _ms_since(started)
-        work.timings_ms["total"] = _total_ms(work)
-        body = notifications.succeeded(
-            work.job,
-            self._meta(work),
-            outputs=stored,
-            result_uri=work.location.uri("result.json"),
-            info=dict(result.info),
-            timings_ms=work.timings_ms,
-        )
-        await self._write_and_publish(work, body)
-        await self._finish(work.delivery)
-        await self.hooks.job_finished(body)
-        log.info("job succeeded", outputs=len(stored), timings_ms=work.timings_ms)
-
-    async def _record_failure(self, work: Work, error: JobError) -> None:
-        if error.retryable and work.attempt < self.settings.max_attempts:
-            delay = self._backoff(work.attempt)
-            log.warning(
-                "job failed; will retry", error=str(error), attempt=work.attempt, retry_in_s=delay
-            )
-            await self._hand_back([work.delivery], delay_s=delay)
-            return
-        if error.retryable:
-            error = type(error)(f"{error} (gave up after {work.attempt} attempts)", code=error.code)
-        log.error("job failed", error=str(error), code=error.code, attempt=work.attempt)
-        body = self._failure_body(work, error)
-        if body is not None:
-            await self._write_and_publish(work, body)
-        await self.queue.send_to(self.dlq_url, work.delivery, f"{error.code}: {error}")
-        await self._finish(work.delivery)
-        if body is not None:
-            await self.hooks.job_finished(body)
-
-    def _failure_body(self, work: Work, error: JobError) -> Body | None:
-        """The failed notification, or None when the message has no readable id to report."""
-        job_id = work.job_id or (error.job_id if isinstance(error, InvalidJob) else None)
-        if job_id is None:
-            return None
-        location = work.location or self._default_location(job_id)
-        return notifications.failed(
-            work.job or job_id,
-            error,
-            self._meta(work),
-            result_uri=location.uri("result.json") if location else None,
-            answer_in=message_format(work.delivery.body),
-        )
-
-    async def _write_and_publish(self, work: Work, body: Body) -> None:
-        """Write result.json (the job's done marker), then announce it."""
-        location = work.location or self._default_location(str(body.get("id", "")))
-        if location is not None:
-            await self.store.put_result(location, body)
-        await self.store.publish(self._topic(work), body)
-
-    def _default_location(self, job_id: str) -> Location | None:
-        """Where a job that failed before its own location was known keeps its result."""
-        if not job_id or not self.settings.bucket:
-            return None
-        folder = "/".join(part for part in (self.settings.prefix.strip("/"), job_id) if part)
-        return Location(bucket=self.settings.bucket, folder=folder)
-
-    def _topic(self, work: Work) -> str | None:
-        try:
-            return self.store.topic(work.job)
-        except JobError:
-            return self.settings.topic_arn
-
-    async def _announce(self, work: Work, build: Callable[[Job, notifications.Meta], Body]) -> None:
-        assert work.job is not None
-        try:
-            await self.store.publish(self._topic(work), build(work.job, self._meta(work)))
-        except _AWS_ERRORS as error:
-            log.warning("could not publish a status notification", error=str(error))
-
-    def _meta(self, work: Work) -> notifications.Meta:
-        return notifications.Meta(
-            attempt=work.attempt,
-            backend=self.backend.name,
-            worker=self.settings.worker_id,
-            runtime_name=self.settings.runtime_name,
-        )
-
-    # acknowledgement ----------------------------------------------------------------------
-
-    async def _finish(self, delivery: Delivery) -> None:
-        self.heartbeat.drop([delivery])
-        await self.queue.delete(delivery)
-
-    async def _hand_back(self, deliveries: list[Delivery], delay_s: int = 0) -> None:
-        if not deliveries:
-            return
-        self.heartbeat.drop(deliveries)
-        try:
-            await self.queue.release(deliveries, delay_s)
-        except _AWS_ERRORS as error:
-            log.error(
-                "could not hand messages back; they reappear after their visibility timeout",
-                error=str(error),
-                count=len(deliveries),
-            )
-            return
-        log.info("handed back", count=len(deliveries), visible_in_s=delay_s)
+            self._spawn(self.recorder.announce(work, announce), self._recording)
 
     async def _give_up_slot(self, work: Work) -> None:
         self._unstarted.pop(work.delivery.message_id, None)
         async with self._room:
             self._holding -= 1
             self._room.notify_all()
-
-    def _backoff(self, attempt: int) -> int:
-        return int(min(_MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** max(0, attempt - 1)))
 
     def _spawn(self, coroutine: Awaitable[None], group: set[asyncio.Task[None]]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
@@ -476,7 +299,7 @@ class Worker:
             self._ready.get_nowait()
         for _ in runners:
             self._ready.put_nowait(None)
-        await self._hand_back(list(self._unstarted.values()))
+        await self.recorder.hand_back(list(self._unstarted.values()))
         self._unstarted.clear()
         await self._wait_for_running(runners, deadline)
         if self._recording:
@@ -509,7 +332,7 @@ class Worker:
         if pending:
             stuck = [work.delivery for work in self._running.values()]
             await _cancel(list(pending))
-            await self._hand_back(stuck)
+            await self.recorder.hand_back(stuck)
 
 
 def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:
@@ -525,19 +348,6 @@ def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:
         attempt=work.attempt,
         timeout_s=spec.timeout_s,
     )
-
-
-def _queued(delivery: Delivery) -> dict[str, int]:
-    queued = delivery.queued_ms
-    return {} if queued is None else {"queued": queued}
-
-
-def _ms_since(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
-
-
-def _total_ms(work: Work) -> int:
-    return work.timings_ms.get("queued", 0) + _ms_since(work.delivery.received_at)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
