@@ -24,6 +24,12 @@ CLIENT_CONFIG = AioConfig(
 )
 
 
+# For probes (`sdworker check`): one quick try, so that an unreachable endpoint fails in seconds.
+PROBE_CONFIG = AioConfig(
+    retries={"mode": "standard", "max_attempts": 1}, connect_timeout=3, read_timeout=10
+)
+
+
 @dataclass(frozen=True)
 class AwsClients:
     """The three clients a worker uses, sharing one session."""
@@ -34,18 +40,14 @@ class AwsClients:
 
 
 @asynccontextmanager
-async def aws_clients() -> AsyncIterator[AwsClients]:
+async def aws_clients(config: AioConfig = CLIENT_CONFIG) -> AsyncIterator[AwsClients]:
     """Open SQS, S3 and SNS clients; endpoint, region and credentials follow the AWS variables."""
     session = get_session()
     async with AsyncExitStack() as stack:
         try:
-            sqs = await stack.enter_async_context(
-                session.create_client("sqs", config=CLIENT_CONFIG)
-            )
-            s3 = await stack.enter_async_context(session.create_client("s3", config=CLIENT_CONFIG))
-            sns = await stack.enter_async_context(
-                session.create_client("sns", config=CLIENT_CONFIG)
-            )
+            sqs = await stack.enter_async_context(session.create_client("sqs", config=config))
+            s3 = await stack.enter_async_context(session.create_client("s3", config=config))
+            sns = await stack.enter_async_context(session.create_client("sns", config=config))
         except NoRegionError:
             raise ConfigError(
                 "AWS_REGION is not set: set it (or AWS_DEFAULT_REGION) to the region of the queue"

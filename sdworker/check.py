@@ -9,7 +9,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sdworker.app import dead_letter_queue, make_backend
-from sdworker.aws import AwsClients, aws_clients
+from sdworker.aws import PROBE_CONFIG, AwsClients, aws_clients
 from sdworker.errors import ConfigError
 from sdworker.queue import JobQueue
 from sdworker.settings import Settings
@@ -26,7 +26,7 @@ async def run_checks(
     except ConfigError as error:
         return [("settings", False, str(error))]
     results: list[CheckResult] = [("settings", True, f"backend {settings.backend}")]
-    async with aws_clients() as clients:
+    async with aws_clients(PROBE_CONFIG) as clients:
         results += [await _aws_check(name, probe, clients, settings) for name, probe in _AWS_PROBES]
     if backend:
         results.append(await _backend_check(settings, timeout_s))
