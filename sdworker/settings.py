@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     dlq_url: str | None = _env(None, "SDWORKER_DLQ_URL")
     foreign_jobs: Literal["fail", "leave"] = _env("fail", "SDWORKER_FOREIGN_JOBS")
     shutdown_deadline: float = _env(80.0, "SDWORKER_SHUTDOWN_DEADLINE", ge=0)
+    shutdown_policy: Literal["requeue", "finish", "auto"] = _env("auto", "SDWORKER_SHUTDOWN_POLICY")
+    notify_requeued: bool = _env(False, "SDWORKER_NOTIFY_REQUEUED")
+    spot: Literal["auto", "on", "off"] = _env("auto", "SDWORKER_SPOT")
+    spot_interval: float = _env(5.0, "SDWORKER_SPOT_INTERVAL", gt=0)
+    spot_margin: float = _env(10.0, "SDWORKER_SPOT_MARGIN", ge=0)
+    metadata_endpoint: str = _env(
+        "http://169.254.169.254", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "SDWORKER_METADATA_ENDPOINT"
+    )
+    backend_grace: float = _env(30.0, "SDWORKER_BACKEND_GRACE", ge=0)
+    on_backend_hang: Literal["exit", "wait"] = _env("exit", "SDWORKER_ON_BACKEND_HANG")
     log_format: Literal["json", "console"] = _env("json", "SDWORKER_LOG_FORMAT")
     log_level: str = _env("info", "SDWORKER_LOG_LEVEL", "LOGLEVEL")
     worker_id: str = _env(socket.gethostname, "SDWORKER_WORKER_ID")
