@@ -18,6 +18,7 @@ from sdworker.inputs import InputFetcher
 from sdworker.plugins import PluginHooks, find_backend
 from sdworker.queue import JobQueue
 from sdworker.settings import Settings
+from sdworker.spot import SpotWatcher
 from sdworker.storage import ResultStore
 from sdworker.worker import Worker
 
@@ -35,16 +36,25 @@ async def run_worker(
     backend: Backend | None = None,
     manager: pluggy.PluginManager | None = None,
     started: Callable[[Worker], None] | None = None,
-) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or `Worker.stop()`), then drain and return."""
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT, a Spot notice or `Worker.stop()`; drain; return the
+    exit code (0, or 1 when the backend hung and SDWORKER_ON_BACKEND_HANG=exit)."""
     settings.require("queue_url", "bucket")
     backend = backend or make_backend(settings, manager)
     async with aws_clients() as clients, AsyncExitStack() as stack:
         worker = await _build_worker(settings, clients, backend, PluginHooks(manager), stack)
+        watcher = asyncio.create_task(SpotWatcher(settings, worker.on_spot_notice).run())
+        stack.push_async_callback(_cancel, watcher)
         if started:
             started(worker)
         with _signals(worker):
             await worker.serve()
+        return worker.exit_code
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _build_worker(

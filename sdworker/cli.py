@@ -108,7 +108,9 @@ def run(
         )
     )
     configure_logging(settings.log_format, settings.log_level)
-    _run(run_worker(settings))
+    code = _run(run_worker(settings))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

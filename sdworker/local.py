@@ -14,6 +14,8 @@ LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "local",
     "AWS_SECRET_ACCESS_KEY": "local",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # No instance metadata on a workstation: do not even probe 169.254.169.254.
+    "SDWORKER_SPOT": "off",
 }
 
 

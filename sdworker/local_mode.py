@@ -39,6 +39,7 @@ def local_settings(resources: LocalResources, **overrides: Any) -> Settings:
         "log_format": "console",
         "progress_interval": 0.5,
         "receive_wait": 1,
+        "spot": "off",
     }
     return load_settings(**{**values, **overrides})
 
@@ -47,7 +48,7 @@ async def start_worker(
     settings: Settings,
     backend: Backend | None = None,
     manager: pluggy.PluginManager | None = None,
-) -> tuple[Worker, asyncio.Task[None]]:
+) -> tuple[Worker, asyncio.Task[int]]:
     """Start a worker in this event loop; return it once it serves, with the task running it."""
     started: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
     serving = asyncio.create_task(

@@ -56,6 +56,8 @@ class Recorder:
                 await self._record_failure(work, outcome.error)
             else:
                 await self.hand_back([work.delivery])
+                if self.settings.notify_requeued and work.job is not None:
+                    await self.announce(work, notifications.requeued)
         except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
             log.error("could not record the outcome; handing the message back", error=repr(error))
             await self.hand_back([work.delivery], delay_s=self.backoff(work.attempt))

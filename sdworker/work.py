@@ -24,6 +24,7 @@ class Work:
     progress: Progress | None = None
     progress_sent_at: float = 0.0
     had_previous_result: bool = False
+    started_at: float | None = None
 
     @property
     def job_id(self) -> str | None:

@@ -7,7 +7,7 @@ import functools
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -35,12 +35,14 @@ from sdworker.plugins import PluginHooks
 from sdworker.queue import Delivery, Heartbeat, JobQueue
 from sdworker.recorder import AWS_ERRORS, Recorder
 from sdworker.settings import Settings
+from sdworker.shutdown import DurationHistory, to_hand_back
 from sdworker.storage import ResultStore
 from sdworker.work import Failed, HandBack, Outcome, Succeeded, Work, ms_since, queued_ms
 
-log = structlog.get_logger("sdworker.worker")
+if TYPE_CHECKING:
+    from sdworker.spot import Notice
 
-_INTERRUPT_GRACE_S = 5.0
+log = structlog.get_logger("sdworker.worker")
 
 
 class LeaveForOthers(Exception):
@@ -88,20 +90,54 @@ class Worker:
         self._recording: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
+        self._deadline_at = float("inf")
+        self._intake_task: asyncio.Task[None] | None = None
+        self._backend_hung = False
+        self.history = DurationHistory()
+        self.exit_code = 0
 
     @property
     def taking_work(self) -> bool:
-        """False from the first moment of shutdown."""
-        return not self._stopping.is_set()
+        """Whether new messages are received: false from the first moment of shutdown."""
+        intake_on = self._intake_task is not None and not self._intake_task.done()
+        return intake_on and not self._stopping.is_set() and self._backend_usable()
 
-    def stop(self) -> None:
-        """First call: stop intake and drain. Second call: interrupt and hand back everything."""
-        if self._stopping.is_set():
+    def stop(self, deadline_s: float | None = None) -> None:
+        """Stop intake and drain within the deadline (or `deadline_s`, if sooner).
+
+        A second plain call (a second signal) interrupts and hands back everything at once; a
+        later call with a sooner `deadline_s` (a Spot notice after SIGTERM) only moves it closer.
+        """
+        limit = self.settings.shutdown_deadline
+        deadline = time.monotonic() + (limit if deadline_s is None else min(limit, deadline_s))
+        if not self._stopping.is_set():
+            log.info(
+                "stopping: no new messages; handing back what has not started",
+                deadline_s=round(deadline - time.monotonic(), 1),
+                policy=self.settings.shutdown_policy,
+            )
+            self._deadline_at = deadline
+            self._stopping.set()
+        elif deadline_s is None:
             log.warning("second stop signal: handing back every job now")
             self._hurry.set()
         else:
-            log.info("stopping: no new messages; handing back what has not started")
-            self._stopping.set()
+            self._deadline_at = min(self._deadline_at, deadline)
+
+    def pause_intake(self) -> None:
+        """Take no new messages, but finish what is held (a Spot rebalance recommendation)."""
+        if self._intake_task and not self._intake_task.done():
+            log.warning("intake paused: no new messages will be taken")
+            self._intake_task.cancel()
+
+    def on_spot_notice(self, notice: Notice) -> None:
+        """terminate/stop: drain before the instance goes; hibernate: hand back now; rebalance:
+        stop intake only."""
+        log.warning("spot notice", kind=notice.kind, at=str(notice.at))
+        if notice.kind == "rebalance":
+            self.pause_intake()
+        else:
+            self.stop(deadline_s=notice.seconds_left(self.settings.spot_margin))
 
     async def serve(self) -> None:
         """Run until `stop()`, then drain within the shutdown deadline."""
@@ -109,7 +145,7 @@ class Worker:
         runners = [
             asyncio.create_task(self._runner(), name=f"runner-{n}") for n in range(self.capacity)
         ]
-        intake = asyncio.create_task(self._intake(), name="intake")
+        intake = self._intake_task = asyncio.create_task(self._intake(), name="intake")
         log.info(
             "worker started",
             backend=self.backend.name,
@@ -130,6 +166,7 @@ class Worker:
     async def _intake(self) -> None:
         failures = 0
         while True:
+            await self._wait_for_backend()
             async with self._room:
                 await self._room.wait_for(lambda: self._holding < self.limit)
                 wanted = self.limit - self._holding
@@ -143,6 +180,18 @@ class Worker:
                 continue
             for delivery in deliveries:
                 self._accept(delivery)
+
+    def _backend_usable(self) -> bool:
+        return self.backend.ready and not self._backend_hung
+
+    async def _wait_for_backend(self) -> None:
+        """Take no message that cannot be served: wait while the backend is not ready."""
+        if self._backend_usable():
+            return
+        log.warning("backend not ready: not receiving until it is", backend=self.backend.name)
+        while not self._backend_usable():  # noqa: ASYNC110  readiness is polled, not signalled
+            await asyncio.sleep(0.5)
+        log.info("backend ready again: receiving")
 
     def _accept(self, delivery: Delivery) -> None:
         if self.heartbeat.is_held(delivery.message_id):
@@ -215,6 +264,8 @@ class Worker:
 
     async def _runner(self) -> None:
         while (work := await self._ready.get()) is not None:
+            if self._stopping.is_set():
+                continue  # still unstarted: the drain hands it back
             self._unstarted.pop(work.delivery.message_id, None)
             assert work.job is not None
             with structlog.contextvars.bound_contextvars(job_id=work.job.spec.id):
@@ -233,7 +284,7 @@ class Worker:
             await self._give_up_slot(work)
 
     async def _generate(self, work: Work, request: JobRequest) -> Outcome:
-        started = time.monotonic()
+        started = work.started_at = time.monotonic()
         try:
             request = self.hooks.prepare_job(request)
             log.info("generating", task=request.task, attempt=request.attempt)
@@ -246,17 +297,55 @@ class Worker:
             log.exception("unexpected error while generating")
             return Failed(BackendUnavailable(f"the {self.backend.name} backend failed: {error!r}"))
         work.timings_ms["generate"] = ms_since(started)
+        self.history.add(time.monotonic() - started)
         return Succeeded(result)
 
     async def _run_backend(self, work: Work, request: JobRequest) -> BackendResult:
+        """Run the job; past `timeout_s`, interrupt it, and if it does not stop, act on a hang."""
+        run = asyncio.ensure_future(self.backend.run(request, self._progress_callback(work)))
         try:
-            async with asyncio.timeout(request.timeout_s):
-                return await self.backend.run(request, self._progress_callback(work))
-        except TimeoutError:
-            await self.backend.interrupt(request.id)
-            raise RetryableError(
-                f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
-            ) from None
+            await asyncio.wait({run}, timeout=request.timeout_s)
+            if not run.done():
+                await self._interrupt_late(run, request)
+            return run.result()
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+
+    async def _interrupt_late(
+        self, run: asyncio.Future[BackendResult], request: JobRequest
+    ) -> None:
+        log.warning("job past its timeout_s: interrupting it", timeout_s=request.timeout_s)
+        await self.backend.interrupt(request.id)
+        await asyncio.wait({run}, timeout=self.settings.backend_grace)
+        if not run.done():
+            run.cancel()
+            self._on_backend_hang(request.id)
+        elif not run.cancelled() and run.exception() is None:
+            return  # it finished after all
+        raise RetryableError(
+            f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
+        )
+
+    def _on_backend_hang(self, job_id: str) -> None:
+        """The backend ignored an interrupt: stop taking work; exit or wait, by setting."""
+        self._backend_hung = True
+        log.error(
+            "backend did not stop within SDWORKER_BACKEND_GRACE: marked unready",
+            job_id=job_id,
+            grace_s=self.settings.backend_grace,
+            action=self.settings.on_backend_hang,
+        )
+        if self.settings.on_backend_hang == "exit":
+            self.exit_code = 1
+            self.stop(deadline_s=0)
+        else:
+            self._spawn(self._recover_after_grace(), self._recording)
+
+    async def _recover_after_grace(self) -> None:
+        """In `wait` mode: after another grace period, trust the backend's own readiness again."""
+        await asyncio.sleep(self.settings.backend_grace)
+        self._backend_hung = False
 
     def _progress_callback(self, work: Work) -> ProgressCallback:
         loop = asyncio.get_running_loop()
@@ -293,7 +382,6 @@ class Worker:
     # shutdown -----------------------------------------------------------------------------
 
     async def _drain(self, intake: asyncio.Task[None], runners: list[asyncio.Task[None]]) -> None:
-        deadline = time.monotonic() + self.settings.shutdown_deadline
         await _cancel([intake, *self._preparing])
         while not self._ready.empty():
             self._ready.get_nowait()
@@ -301,34 +389,33 @@ class Worker:
             self._ready.put_nowait(None)
         await self.recorder.hand_back(list(self._unstarted.values()))
         self._unstarted.clear()
-        await self._wait_for_running(runners, deadline)
+        await self._wait_for_running(runners)
         if self._recording:
-            await asyncio.wait(set(self._recording), timeout=max(1.0, deadline - time.monotonic()))
+            left = max(1.0, self._deadline_at - time.monotonic())
+            await asyncio.wait(set(self._recording), timeout=left)
 
-    async def _wait_for_running(self, runners: list[asyncio.Task[None]], deadline: float) -> None:
-        if self._running:
-            log.info(
-                "waiting for running jobs",
-                jobs=list(self._running),
-                deadline_s=round(deadline - time.monotonic(), 1),
-            )
-        all_done = asyncio.create_task(asyncio.wait(runners))
-        hurry = asyncio.create_task(self._hurry.wait())
-        await asyncio.wait(
-            [all_done, hurry],
-            timeout=max(0.0, deadline - time.monotonic()),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        await _cancel([all_done, hurry])
-        if not all(runner.done() for runner in runners):
-            await self._interrupt_running(runners)
+    async def _wait_for_running(self, runners: list[asyncio.Task[None]]) -> None:
+        """Finish or hand back running jobs by policy; at the deadline, hand back the rest."""
+        handed: set[str] = set()
+        while not all(runner.done() for runner in runners):
+            left = self._deadline_at - time.monotonic()
+            if self._hurry.is_set() or left <= 0:
+                await self._interrupt_running(runners)
+                return
+            policy = self.settings.shutdown_policy
+            for work in to_hand_back(policy, self._running.values(), left, self.history):
+                if work.job_id and work.job_id not in handed:
+                    handed.add(work.job_id)
+                    log.info("handing back a job that cannot finish in time", job=work.job_id)
+                    await self.backend.interrupt(work.job_id)
+            await asyncio.wait(runners, timeout=0.1)
 
     async def _interrupt_running(self, runners: list[asyncio.Task[None]]) -> None:
         running = list(self._running.values())
         log.warning("interrupting running jobs to hand them back", jobs=[w.job_id for w in running])
         for work in running:
             await self.backend.interrupt(work.job_id or "")
-        _, pending = await asyncio.wait(runners, timeout=_INTERRUPT_GRACE_S)
+        _, pending = await asyncio.wait(runners, timeout=self.settings.backend_grace)
         if pending:
             stuck = [work.delivery for work in self._running.values()]
             await _cancel(list(pending))

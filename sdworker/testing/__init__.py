@@ -5,5 +5,6 @@
 
 from sdworker.testing.contract import BackendContract
 from sdworker.testing.fake import FakeBackend, tiny_png
+from sdworker.testing.imds import FakeInstanceMetadata
 
-__all__ = ["BackendContract", "FakeBackend", "tiny_png"]
+__all__ = ["BackendContract", "FakeBackend", "FakeInstanceMetadata", "tiny_png"]

@@ -29,6 +29,7 @@ class FakeBackend:
 
     Example: `FakeBackend(latency=0.5, failures=[BackendUnavailable("boom")])` fails its first
     run, then succeeds; `worker_backend = FakeBackend().spec()` registers it with the worker.
+    `hang=True` makes runs ignore interrupts, like a node stuck in a loop.
     """
 
     def __init__(
@@ -42,12 +43,15 @@ class FakeBackend:
         outputs: int = 1,
         size: tuple[int, int] = (8, 8),
         failures: Sequence[Exception] = (),
+        hang: bool = False,
     ) -> None:
         self.name = name
         self.tasks = frozenset(tasks)
         self.capacity = capacity
         self.latency, self.steps, self.outputs, self.size = latency, max(1, steps), outputs, size
         self.failures = list(failures)
+        self.hang = hang
+        self.available = True
         self.runs: list[JobRequest] = []
         self.interrupted: list[str] = []
         self.started = self.closed = False
@@ -63,8 +67,8 @@ class FakeBackend:
 
     @property
     def ready(self) -> bool:
-        """Started and not closed."""
-        return self.started and not self.closed
+        """Started, not closed, and `available` (set it False to play a backend that is down)."""
+        return self.started and not self.closed and self.available
 
     async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
         """Record the request, raise the next configured failure, else sleep and return PNGs."""
@@ -79,7 +83,7 @@ class FakeBackend:
         stop = self._running[request.id] = asyncio.Event()
         try:
             for step in range(1, self.steps + 1):
-                await _pause(stop, self.latency / self.steps, request.id)
+                await _pause(stop, self.latency / self.steps, request.id, ignore_stop=self.hang)
                 progress(Progress(step, self.steps))
         finally:
             del self._running[request.id]
@@ -111,8 +115,11 @@ class FakeBackend:
         ]
 
 
-async def _pause(stop: asyncio.Event, seconds: float, job_id: str) -> None:
-    """Sleep `seconds`, or raise `JobInterrupted` as soon as `stop` is set."""
+async def _pause(stop: asyncio.Event, seconds: float, job_id: str, *, ignore_stop: bool) -> None:
+    """Sleep `seconds`, or raise `JobInterrupted` as soon as `stop` is set (unless hung)."""
+    if ignore_stop:
+        await asyncio.sleep(seconds)
+        return
     if seconds > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)

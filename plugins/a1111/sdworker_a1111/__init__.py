@@ -23,6 +23,6 @@ def register_backends() -> list[BackendSpec]:
             name="a1111",
             factory=A1111Backend,
             tasks=TASKS,
-            description="AUTOMATIC1111 Stable Diffusion Web UI (or Forge, SD.Next), over its API",
+            description="AUTOMATIC1111 Stable Diffusion Web UI, over its HTTP API",
         )
     ]

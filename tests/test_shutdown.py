@@ -1,0 +1,175 @@
+"""Shutdown policies, the backend watchdog and readiness gating, on a real worker and moto."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sdworker.aws import AwsClients
+from sdworker.backend import Progress
+from sdworker.local import LocalResources
+from sdworker.local_mode import local_settings, start_worker
+from sdworker.queue import Delivery
+from sdworker.shutdown import DurationHistory, remaining_s, to_hand_back
+from sdworker.testing import FakeBackend
+from sdworker.work import Work
+from sdworker.worker import Worker
+from tests.aws_helpers import eventually, finals, notifications, queue_counts, send
+
+Started = tuple[Worker, "asyncio.Task[int]"]
+StartWorker = Callable[..., Awaitable[Started]]
+
+
+@pytest.fixture
+async def start(resources: LocalResources) -> AsyncIterator[StartWorker]:
+    """Start workers on the test's resources; each is drained at the end."""
+    running: list[Started] = []
+
+    async def starter(backend: FakeBackend, **overrides: Any) -> Started:
+        values = {"log_format": "json", "retry_backoff": 0, "progress_interval": 0, **overrides}
+        started = await start_worker(local_settings(resources, **values), backend)
+        running.append(started)
+        return started
+
+    yield starter
+    for worker, task in running:
+        if not task.done():
+            worker.stop(deadline_s=0)
+        await task
+
+
+def job(job_id: str, **fields: Any) -> dict[str, Any]:
+    """A native txt2img job."""
+    return {"version": 1, "id": job_id, "task": "txt2img", "params": {"prompt": "x"}, **fields}
+
+
+def work_at(fraction: float | None, elapsed: float) -> Work:
+    """A running job `elapsed` seconds in, at `fraction` progress (None: no reading yet)."""
+    delivery = Delivery("m", "{}", "r", 1, None, {})
+    work = Work(delivery=delivery, started_at=1000.0 - elapsed)
+    work.progress = None if fraction is None else Progress(fraction * 10, 10)
+    return work
+
+
+def test_remaining_time_comes_from_progress_first() -> None:
+    """At 25 % after 10 s, about 30 s remain."""
+    assert remaining_s(work_at(0.25, 10), DurationHistory(), now=1000.0) == pytest.approx(30)
+
+
+def test_remaining_time_comes_from_recent_jobs_without_progress() -> None:
+    """Without progress, the median recent duration minus the time spent is used."""
+    history = DurationHistory()
+    for seconds in (20, 30, 40):
+        history.add(seconds)
+    assert remaining_s(work_at(None, 10), history, now=1000.0) == pytest.approx(20)
+
+
+def test_requeue_hands_back_every_running_job_and_finish_none() -> None:
+    """The two simple policies: requeue everything, or finish everything."""
+    running = [work_at(0.9, 9), work_at(0.1, 1)]
+    assert to_hand_back("requeue", running, 60, DurationHistory()) == running
+    assert to_hand_back("finish", running, 1, DurationHistory()) == []
+
+
+def test_auto_hands_back_only_jobs_that_cannot_finish_in_time() -> None:
+    """With 20 s left, a job needing 1 s finishes, one needing 90 s goes back, one unknown runs."""
+    soon, late, unknown = work_at(0.9, 9), work_at(0.1, 10), work_at(None, 5)
+    assert to_hand_back("auto", [soon, late, unknown], 20, DurationHistory(), now=1000.0) == [late]
+
+
+async def test_the_requeue_policy_hands_back_a_running_job_at_once(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With `requeue`, stopping interrupts the running job and hands it back without waiting."""
+    backend = FakeBackend(latency=30, steps=30)
+    worker, serving = await start(backend, shutdown_policy="requeue", shutdown_deadline=60)
+    await send(clients, resources, job("requeue-me"))
+    await eventually(lambda: _async(bool(backend.runs)))
+    worker.stop()
+    await eventually(lambda: _visible(clients, resources, 1), within_s=3, interval=0.05)
+    assert backend.interrupted == ["requeue-me"]
+    assert await asyncio.wait_for(serving, 5) == 0
+
+
+async def test_the_auto_policy_lets_a_job_that_fits_finish(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With `auto`, a job whose progress says it ends well inside the deadline is finished."""
+    backend = FakeBackend(latency=1.5, steps=15)
+    worker, serving = await start(backend, shutdown_policy="auto", shutdown_deadline=30)
+    await send(clients, resources, job("fits"))
+    await eventually(lambda: _async(bool(backend.runs)))
+    await asyncio.sleep(0.3)
+    worker.stop()
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "succeeded" and backend.interrupted == []
+    assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_the_auto_policy_hands_back_a_job_that_cannot_finish(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With `auto`, a job whose progress says it needs far longer than the deadline goes back."""
+    backend = FakeBackend(latency=60, steps=60)
+    worker, serving = await start(backend, shutdown_policy="auto", shutdown_deadline=20)
+    await send(clients, resources, job("too-long"))
+    await eventually(lambda: _async(len(backend.runs) == 1))
+    await asyncio.sleep(1.2)  # a progress reading or two
+    worker.stop()
+    await eventually(lambda: _visible(clients, resources, 1), within_s=3, interval=0.05)
+    assert backend.interrupted == ["too-long"]
+    assert await asyncio.wait_for(serving, 5) == 0
+
+
+async def test_a_handed_back_job_is_announced_as_requeued_when_configured(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With notify_requeued, a job handed back on shutdown publishes a `requeued` notification."""
+    backend = FakeBackend(latency=30, steps=30)
+    worker, _ = await start(backend, shutdown_policy="requeue", notify_requeued=True)
+    await send(clients, resources, job("announced"))
+    await eventually(lambda: _async(bool(backend.runs)))
+    worker.stop()
+    bodies = await notifications(clients, resources, 1)
+    assert [b["status"] for b in bodies] == ["requeued"] and bodies[0]["id"] == "announced"
+
+
+async def test_a_hung_backend_makes_the_worker_hand_back_and_exit_non_zero(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A job past timeout_s that ignores the interrupt marks the backend hung: exit code 1."""
+    backend = FakeBackend(latency=60, steps=60, hang=True)
+    worker, serving = await start(backend, backend_grace=0.3, on_backend_hang="exit")
+    await send(clients, resources, job("stuck", timeout_s=0.5))
+    await send(clients, resources, job("waiting"))
+    assert await asyncio.wait_for(serving, 10) == 1
+    assert not worker.taking_work and backend.interrupted == ["stuck"]
+    assert await queue_counts(clients, resources.queue_url) == (2, 0)
+
+
+async def test_the_worker_takes_no_message_while_the_backend_is_not_ready(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """A backend that stops answering pauses intake; when it is back, the queue is served."""
+    backend = FakeBackend()
+    worker, _ = await start(backend, receive_wait=0)
+    backend.available = False
+    await asyncio.sleep(0.7)
+    await send(clients, resources, job("patient"))
+    await asyncio.sleep(1.0)
+    assert await queue_counts(clients, resources.queue_url) == (1, 0)
+    assert not worker.taking_work
+    backend.available = True
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "succeeded"
+
+
+async def _visible(clients: AwsClients, resources: LocalResources, count: int) -> bool:
+    return (await queue_counts(clients, resources.queue_url))[0] == count
+
+
+async def _async(value: bool) -> bool:
+    return value
