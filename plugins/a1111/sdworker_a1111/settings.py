@@ -7,21 +7,14 @@ guidance writes it as the full API root (`http://localhost:8080/sdapi/v1/`); a p
 
 from __future__ import annotations
 
-import os
-import tomllib
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import httpx
-from pydantic import Field, ValidationError
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from sdworker.errors import ConfigError
+from sdworker.plugin_settings import PluginSettings
 
 DEFAULT_URL = "http://127.0.0.1:7860"
 API_PATH = "/sdapi/v1"
@@ -29,10 +22,11 @@ TOML_TABLE = "a1111"
 ENV_PREFIX = "SDWORKER_A1111_"
 
 
-class A1111Settings(BaseSettings):
+class A1111Settings(PluginSettings):
     """Example: `SDWORKER_A1111_MODEL_SWITCH=options SDWORKER_A1111_POLL_INTERVAL=1`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    toml_table: ClassVar[str] = TOML_TABLE
 
     model_switch: Literal["override", "options"] = Field(
         "override", description="How a job's model is applied: per request, or process-wide"
@@ -50,45 +44,10 @@ class A1111Settings(BaseSettings):
         False, description="sdworker is the Web UI's only client: a busy, unnamed task is ours"
     )
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Arguments beat the environment, which beats `[a1111]` in `SDWORKER_CONFIG`."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("SDWORKER_CONFIG")
-        if config_file and _has_table(Path(config_file)):
-            sources.append(
-                TomlConfigSettingsSource(
-                    settings_cls, toml_file=config_file, toml_table_header=(TOML_TABLE,)
-                )
-            )
-        return tuple(sources)
-
-
-def _has_table(path: Path) -> bool:
-    """Whether the TOML file has an `[a1111]` table (a broken file is the core's to report)."""
-    try:
-        return isinstance(tomllib.loads(path.read_text()).get(TOML_TABLE), dict)
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-
 
 def load_a1111_settings() -> A1111Settings:
     """The settings from the environment and the TOML file, or a one-line `ConfigError`."""
-    try:
-        return A1111Settings()
-    except ValidationError as error:
-        first = error.errors()[0]
-        name = f"{ENV_PREFIX}{str(first['loc'][0]).upper()}"
-        raise ConfigError(
-            f"{name}: {first['msg']} (got {first['input']!r}); fix or unset it"
-        ) from None
+    return A1111Settings.load()
 
 
 def api_root(backend_url: str | None) -> str:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from sdworker.errors import ConfigError
+from sdworker.plugin_settings import PluginSettings
 
 TINY = "tiny"
 
 
-class DiffusersSettings(BaseSettings):
+class DiffusersSettings(PluginSettings):
     """Example: `SDWORKER_DIFFUSERS_MODEL=/models/sd15 SDWORKER_DIFFUSERS_DTYPE=float16`."""
 
     model_config = SettingsConfigDict(env_prefix="SDWORKER_DIFFUSERS_", extra="ignore", frozen=True)
+    toml_table: ClassVar[str] = "diffusers"
 
     model: str = Field(TINY, description="Default model: a directory, a .safetensors file, or tiny")
     models: Annotated[dict[str, str], NoDecode] = Field(
@@ -52,9 +53,4 @@ class DiffusersSettings(BaseSettings):
 
 def load_diffusers_settings() -> DiffusersSettings:
     """The settings, or a one-line `ConfigError` naming the variable."""
-    try:
-        return DiffusersSettings()
-    except ValidationError as error:
-        first = error.errors()[0]
-        name = f"SDWORKER_DIFFUSERS_{str(first['loc'][0]).upper()}"
-        raise ConfigError(f"{name}: {first['msg']}; fix or unset it") from None
+    return DiffusersSettings.load()
