@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from sdworker.settings import Settings
@@ -33,6 +33,8 @@ class JobRequest:
     native: Mapping[str, Any] | None = None
     attempt: int = 1
     timeout_s: float | None = None
+    source: Literal["native", "guidance"] = "native"
+    """The message format the job came in: the AWS guidance's task documents or sdworker's own."""
 
 
 @dataclass(frozen=True)

@@ -434,6 +434,7 @@ def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:
         native=spec.native,
         attempt=work.attempt,
         timeout_s=spec.timeout_s,
+        source=work.job.format,
     )
 
 

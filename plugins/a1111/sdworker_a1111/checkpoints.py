@@ -89,14 +89,18 @@ class Checkpoints:
         self._known = [cp for cp in map(Checkpoint.from_json, listing) if cp is not None]
 
     async def for_job(self, request: JobRequest) -> Checkpoint | None:
-        """The checkpoint `request` asks for, when it names one and model switching is on."""
+        """The checkpoint `request` asks for, when it names one.
+
+        A native job's `params.model` is always applied; a guidance job's checkpoint only with
+        DYNAMIC_SD_MODEL on, as in the guidance's own agent.
+        """
         name = request.params.get("model")
         if not isinstance(name, str) or not name or request.task == "upscale":
             return None
-        if not self._dynamic:
+        if request.source == "guidance" and not self._dynamic:
             log.info(
-                "model switching is off (SDWORKER_DYNAMIC_SD_MODEL); the job's model is not "
-                "applied",
+                "model switching is off for guidance jobs (DYNAMIC_SD_MODEL); the job's model "
+                "is not applied",
                 model=name,
             )
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -142,9 +143,21 @@ async def test_a_model_load_that_takes_too_long_is_retryable(webui: FakeWebUI) -
             await backend.run(request(model="sdxl"), drop)
 
 
-async def test_without_dynamic_models_the_job_model_is_not_applied(webui: FakeWebUI) -> None:
-    """With `DYNAMIC_SD_MODEL` off, as in the guidance, the Web UI keeps its model."""
+async def test_without_dynamic_models_a_guidance_jobs_model_is_not_applied(
+    webui: FakeWebUI,
+) -> None:
+    """With `DYNAMIC_SD_MODEL` off, as in the guidance, a guidance job leaves the model alone."""
     async with started_backend(webui, dynamic=False) as backend:
-        result = await backend.run(request(model="sdxl"), drop)
+        job = dataclasses.replace(request(model="sdxl"), source="guidance")
+        result = await backend.run(job, drop)
     assert "override_settings" not in webui.bodies("txt2img")[0]
     assert result.info["sd_model_name"] == "sd15"
+
+
+async def test_a_native_jobs_model_is_applied_whatever_dynamic_models_says(
+    webui: FakeWebUI,
+) -> None:
+    """`params.model` of sdworker's own format is always honoured."""
+    async with started_backend(webui, dynamic=False) as backend:
+        result = await backend.run(request(model="sdxl"), drop)
+    assert result.info["sd_model_name"].startswith("sdxl")
