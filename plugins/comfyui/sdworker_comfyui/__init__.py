@@ -1,7 +1,7 @@
 """The `comfyui` backend plugin: ComfyUI over its HTTP and websocket API.
 
 Runs `workflow` jobs (an API-format graph, a template document or a named template) and
-`txt2img` / `img2img` / `inpaint` through the workflow templates shipped in `templates/`. See
+`txt2img` / `img2img` / `inpaint` through the workflow templates shipped in `workflows/`. See
 `docs/backends/comfyui.md`; `sdworker_comfyui.testing` has a fake ComfyUI server for tests.
 """
 
