@@ -159,6 +159,8 @@ def convert(output: Output, output_format: str) -> Output:
     ):
         return output
     with Image.open(io.BytesIO(output.data)) as image:
+        if getattr(image, "is_animated", False):
+            return output  # re-encoding would keep one frame of an animation
         buffer = io.BytesIO()
         image.convert("RGB" if target[0] == "JPEG" else image.mode).save(buffer, target[0])
     return Output(

@@ -164,6 +164,21 @@ async def test_non_image_output_is_stored_unchanged(
     assert (data, content_type) == (MP4_BYTES, "video/mp4")
 
 
+async def test_an_animated_webp_is_kept_whole_whatever_format_the_job_asked_for(
+    clients: AwsClients, resources: LocalResources
+) -> None:
+    """Re-encoding would keep one frame of an animation, so animated images pass unchanged."""
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:])
+    animated = Output(buffer.getvalue(), content_type="image/webp", extension="webp")
+    result_store = store(clients, bucket=resources.bucket)
+    location = result_store.location(job())
+    [stored] = await result_store.put_outputs(location, [animated], "png")
+    data, content_type = await read_object(clients, resources.bucket, location.key("0.webp"))
+    assert (data, content_type, stored.uri[-6:]) == (animated.data, "image/webp", "0.webp")
+
+
 async def test_previous_result_is_none_when_absent(
     clients: AwsClients, resources: LocalResources
 ) -> None:
