@@ -401,7 +401,7 @@ def _guidance_task(
 def _guidance_fields(task: Task, content: dict[str, Any]) -> dict[str, Any]:
     """The `JobSpec` fields for the guidance `content` of a task."""
     if task == "workflow":
-        return {"task": task, "workflow": content}
+        return {"task": task, "workflow": content, "inputs": _loader_inputs(content)}
     native = _webui_body(content, task)
     return {
         "task": task,
@@ -409,6 +409,21 @@ def _guidance_fields(task: Task, content: dict[str, Any]) -> dict[str, Any]:
         "params": _webui_params(content),
         "inputs": _webui_inputs(native),
     }
+
+
+_LOADERS = frozenset({"LoadImage", "LoadImageMask"})
+
+
+def _loader_inputs(graph: Mapping[str, Any]) -> dict[str, str]:
+    """URLs in a ComfyUI graph's image loaders, as inputs by node id, for the worker to fetch."""
+    found = {}
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or node.get("class_type") not in _LOADERS:
+            continue
+        image = node.get("inputs", {}).get("image")
+        if isinstance(image, str) and image.startswith(("http://", "https://", "s3://")):
+            found[str(node_id)] = image
+    return found
 
 
 def _webui_body(content: Mapping[str, Any], task: Task) -> dict[str, Any]:

@@ -317,6 +317,17 @@ def test_a_comfyui_pipeline_becomes_a_workflow_job() -> None:
     assert (job.spec.task, job.spec.workflow, job.spec.native) == ("workflow", graph, None)
 
 
+def test_urls_in_a_pipelines_image_loaders_become_inputs_keyed_by_node() -> None:
+    """A LoadImage given a URL is fetched by the worker: the URL becomes inputs[node id]."""
+    graph = {
+        "10": {"class_type": "LoadImage", "inputs": {"image": "s3://bucket/in/fox.png"}},
+        "11": {"class_type": "LoadImage", "inputs": {"image": "already-uploaded.png"}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["10", 0]}},
+    }
+    job = parse(guidance("pipeline", graph, runtime="comfyui"))
+    assert job.spec.inputs == {"10": "s3://bucket/in/fox.png"}
+
+
 def test_a_pipeline_from_a_runtime_with_another_name_is_a_workflow_job() -> None:
     """tasktype `pipeline` is a workflow whatever the runtime is named, as in the guidance."""
     assert parse(guidance("pipeline", {"3": {}})).spec.task == "workflow"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from comfyui_helpers import FAST, eventually, sampler_graph
+from comfyui_helpers import FAST, eventually, invert_graph, sampler_graph
+from PIL import Image
 
 from sdworker.aws import AwsClients
 from sdworker.local import LocalResources
@@ -98,6 +100,27 @@ async def test_a_guidance_comfyui_message_through_sns_is_answered_in_the_guidanc
     head = await clients.s3.head_object(Bucket=resources.bucket, Key="comfy/comfy-1/0.png")
     assert head["ContentType"] == "image/png"
     assert comfy.prompts[0]["prompt"] == sampler_graph()
+
+
+async def test_a_guidance_graph_loading_an_s3_image_gets_it_fetched_and_uploaded(
+    start: StartWorker, clients: AwsClients, resources: LocalResources, comfy: FakeComfyUI
+) -> None:
+    """A LoadImage given an s3:// URL: the worker fetches it and the node gets the upload's name."""
+    black = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(black, format="PNG")
+    await clients.s3.put_object(Bucket=resources.bucket, Key="in/black.png", Body=black.getvalue())
+    graph = invert_graph()
+    graph["10"]["inputs"]["image"] = f"s3://{resources.bucket}/in/black.png"
+    await start()
+    await _publish_through_sns(clients, resources, _guidance("comfy-in", graph))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "completed", body
+    loaded = comfy.prompts[0]["prompt"]["10"]["inputs"]["image"]
+    assert comfy.read_input(loaded) == black.getvalue()
+    output = await clients.s3.get_object(Bucket=resources.bucket, Key="comfy/comfy-in/0.png")
+    async with output["Body"] as stream:
+        with Image.open(io.BytesIO(await stream.read())) as image:
+            assert image.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
 
 
 async def test_a_failing_comfyui_workflow_is_reported_failed_never_completed(
