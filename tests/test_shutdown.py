@@ -14,7 +14,7 @@ from sdworker.local import LocalResources
 from sdworker.local_mode import local_settings, start_worker
 from sdworker.queue import Delivery
 from sdworker.shutdown import DurationHistory, remaining_s, to_hand_back
-from sdworker.testing import FakeBackend
+from sdworker.testing import FakeBackend, FakeInstanceMetadata
 from sdworker.work import Work
 from sdworker.worker import Worker
 from tests.aws_helpers import eventually, finals, notifications, queue_counts, send
@@ -173,3 +173,86 @@ async def _visible(clients: AwsClients, resources: LocalResources, count: int) -
 
 async def _async(value: bool) -> bool:
     return value
+
+
+@pytest.fixture
+async def imds() -> AsyncIterator[FakeInstanceMetadata]:
+    """A fake instance-metadata service on loopback."""
+    async with FakeInstanceMetadata() as fake:
+        yield fake
+
+
+async def test_a_spot_terminate_notice_hands_back_what_cannot_finish_before_it(
+    start: StartWorker,
+    clients: AwsClients,
+    resources: LocalResources,
+    imds: FakeInstanceMetadata,
+) -> None:
+    """A terminate notice 12 s ahead (10 s margin) leaves 2 s: a long job goes back at once."""
+    backend = FakeBackend(latency=60, steps=60)
+    _worker, serving = await start(
+        backend,
+        spot="on",
+        spot_interval=0.05,
+        spot_margin=10,
+        metadata_endpoint=imds.endpoint,
+        shutdown_deadline=80,
+    )
+    await send(clients, resources, job("long"))
+    await eventually(lambda: _async(len(backend.runs) == 1))
+    await asyncio.sleep(1.2)
+    imds.schedule_interruption("terminate", in_seconds=12)
+    await eventually(lambda: _visible(clients, resources, 1), within_s=5, interval=0.05)
+    assert backend.interrupted == ["long"]
+    assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_a_spot_hibernate_notice_hands_back_everything_at_once(
+    start: StartWorker,
+    clients: AwsClients,
+    resources: LocalResources,
+    imds: FakeInstanceMetadata,
+) -> None:
+    """Hibernation gives no lead time: running and prefetched jobs go back immediately."""
+    backend = FakeBackend(latency=60, steps=60)
+    await send(clients, resources, job("a"))
+    await send(clients, resources, job("b"))
+    _, serving = await start(
+        backend,
+        spot="on",
+        spot_interval=0.05,
+        metadata_endpoint=imds.endpoint,
+        shutdown_policy="finish",
+    )
+    await eventually(lambda: _async(len(backend.runs) == 1))
+    imds.schedule_interruption("hibernate", in_seconds=0)
+    await eventually(lambda: _visible(clients, resources, 2), within_s=5, interval=0.05)
+    assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_a_rebalance_recommendation_only_stops_intake(
+    start: StartWorker,
+    clients: AwsClients,
+    resources: LocalResources,
+    imds: FakeInstanceMetadata,
+) -> None:
+    """After a rebalance notice the running job finishes, and no new message is taken."""
+    backend = FakeBackend(latency=1.0, steps=10)
+    worker, serving = await start(
+        backend,
+        spot="on",
+        spot_interval=0.05,
+        prefetch=0,
+        metadata_endpoint=imds.endpoint,
+        receive_wait=0,
+    )
+    await send(clients, resources, job("first"))
+    await eventually(lambda: _async(len(backend.runs) == 1))
+    imds.recommend_rebalance()
+    await eventually(lambda: _async(not worker.taking_work), within_s=3)
+    await send(clients, resources, job("second"))
+    [body] = await finals(clients, resources, 1)
+    await asyncio.sleep(1.0)
+    assert body["id"] == "first" and len(backend.runs) == 1
+    assert await queue_counts(clients, resources.queue_url) == (1, 0)
+    assert not serving.done()

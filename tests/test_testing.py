@@ -114,6 +114,11 @@ def test_tiny_png_is_a_png_of_that_size_and_colour() -> None:
 
 def test_the_public_names_are_importable() -> None:
     """Every name in sdworker.testing.__all__ exists."""
-    assert sorted(sdworker.testing.__all__) == ["BackendContract", "FakeBackend", "tiny_png"]
+    assert sorted(sdworker.testing.__all__) == [
+        "BackendContract",
+        "FakeBackend",
+        "FakeInstanceMetadata",
+        "tiny_png",
+    ]
     for name in sdworker.testing.__all__:
         assert getattr(sdworker.testing, name)

@@ -1,4 +1,5 @@
-"""Helpers for testing sdworker and its plugins: a fake backend and the backend contract suite.
+"""Helpers for testing sdworker and its plugins: a fake backend, the backend contract suite,
+and a fake EC2 instance-metadata server (IMDSv2, Spot notices).
 
 `BackendContract` imports pytest; import `sdworker.testing.fake` alone where pytest is absent.
 """

@@ -74,6 +74,7 @@ class FakeInstanceMetadata:
 
     async def start(self) -> FakeInstanceMetadata:
         """Listen on a free loopback port."""
+        self._closing.clear()
         app = web.Application(middlewares=[self._count])
         app.router.add_put("/latest/api/token", self._token)
         app.router.add_get("/latest/meta-data/spot/instance-action", self._document("action"))
@@ -120,7 +121,7 @@ class FakeInstanceMetadata:
             await self._closing.wait()
             raise web.HTTPServiceUnavailable  # shutting down: the client gave up long ago
         ttl = request.headers.get(TTL_HEADER, "")
-        if not ttl.isdigit() or not 1 <= int(ttl) <= 21_600:
+        if not ttl.isdecimal() or not 1 <= int(ttl) <= 21_600:
             return web.Response(status=400, text="Bad Request")
         token = secrets.token_urlsafe(32)
         self._tokens[token] = time.monotonic() + int(ttl)
