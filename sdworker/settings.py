@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     )
     backend_grace: float = _env(30.0, "SDWORKER_BACKEND_GRACE", ge=0)
     on_backend_hang: Literal["exit", "wait"] = _env("exit", "SDWORKER_ON_BACKEND_HANG")
+    health_port: int = _env(8080, "SDWORKER_HEALTH_PORT", ge=0, le=65_535)
+    health_host: str = _env("0.0.0.0", "SDWORKER_HEALTH_HOST")  # the kubelet probes the pod IP
+    health_stall: float = _env(10.0, "SDWORKER_HEALTH_STALL", gt=0)
     log_format: Literal["json", "console"] = _env("json", "SDWORKER_LOG_FORMAT")
     log_level: str = _env("info", "SDWORKER_LOG_LEVEL", "LOGLEVEL")
     worker_id: str = _env(socket.gethostname, "SDWORKER_WORKER_ID")
