@@ -6,6 +6,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov pins botocore and urllib3 apart from aiobotocore's pins: it gets a virtualenv of its own,
+# inside .venv so that git ignores it and `make clean` removes it (tests/test_infra.py finds it).
+TOOLS := $(VENV)/tools
 
 .PHONY: install test lint demo bench bench-quick clean
 
@@ -16,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[local,dev,diffusers]'
+	test -x $(TOOLS)/bin/checkov || { $(PYTHON) -m venv $(TOOLS) \
+		&& $(TOOLS)/bin/python -m pip install --quiet 'checkov>=3.2,<4'; }
 	touch $(STAMP)
 
 test: install
