@@ -77,19 +77,26 @@ def test_no_backend_is_known_without_entry_points() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "tasks"),
+    ("name", "tasks", "built"),
     [
-        ("placeholder", {"txt2img", "img2img", "upscale"}),
-        ("a1111", {"txt2img", "img2img", "inpaint", "upscale"}),
-        ("comfyui", {"workflow", "txt2img", "img2img", "inpaint"}),
-        ("diffusers", {"txt2img", "img2img", "inpaint", "upscale"}),
+        ("placeholder", {"txt2img", "img2img", "upscale"}, None),
+        ("a1111", {"txt2img", "img2img", "inpaint", "upscale"}, None),
+        ("comfyui", {"workflow", "txt2img", "img2img", "inpaint"}, None),
+        # upscale only once SDWORKER_DIFFUSERS_UPSCALER names an upscaler
+        (
+            "diffusers",
+            {"txt2img", "img2img", "inpaint", "upscale"},
+            {"txt2img", "img2img", "inpaint"},
+        ),
     ],
 )
-def test_each_built_in_backend_declares_its_tasks(name: str, tasks: set[str]) -> None:
-    """Each built-in spec and the backend it builds declare the expected tasks."""
+def test_each_built_in_backend_declares_its_tasks(
+    name: str, tasks: set[str], built: set[str] | None
+) -> None:
+    """Each built-in spec, and the backend it builds by default, declare the expected tasks."""
     spec = find_backend(name, make_plugin_manager())
     assert spec.tasks == tasks
-    assert spec.factory(Settings()).tasks == tasks
+    assert spec.factory(Settings()).tasks == (built or tasks)
 
 
 def test_an_unknown_backend_lists_the_installed_ones() -> None:
