@@ -47,9 +47,10 @@ def first_wave(size: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def second_wave(bucket: str, size: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
+def second_wave(bucket: str, prefix: str, size: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
     """img2img from the first job's output, fetched by the worker from S3."""
-    source = f"s3://{bucket}/results/demo-txt2img/0.png"
+    folder = "/".join(part for part in (prefix.strip("/"), "demo-txt2img") if part)
+    source = f"s3://{bucket}/{folder}/0.png"
     job = new_job(
         "img2img",
         job_id="demo-img2img",
@@ -86,7 +87,11 @@ async def run_demo(
                 )
                 results = await _wave(clients, resources, follower, first_wave(size), out)
                 results += await _wave(
-                    clients, resources, follower, second_wave(resources.bucket, size), out
+                    clients,
+                    resources,
+                    follower,
+                    second_wave(resources.bucket, settings.prefix, size),
+                    out,
                 )
                 return results
         finally:

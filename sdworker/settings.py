@@ -82,13 +82,17 @@ class Settings(BaseSettings):
     @field_validator("backend", mode="before")
     @classmethod
     def _runtime_type(cls, value: Any) -> Any:
-        """Map the guidance's `RUNTIME_TYPE` names onto backend names."""
-        return _RUNTIME_TYPES.get(value, value) if isinstance(value, str) else value
+        """Map the guidance's `RUNTIME_TYPE` names onto backend names (any case, as it does)."""
+        if not isinstance(value, str):
+            return value
+        return _RUNTIME_TYPES.get(value.strip().lower(), value.strip())
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _known_level(cls, value: Any) -> Any:
-        """debug, info, warning, error or critical, in any case."""
+        """debug, info, warning (or warn), error or critical, in any case."""
+        if isinstance(value, str) and value.strip().upper() == "WARN":
+            value = "warning"
         if isinstance(value, str) and value.upper() not in _LEVELS:
             raise ValueError(f"must be one of {', '.join(level.lower() for level in _LEVELS)}")
         return value.lower() if isinstance(value, str) else value
@@ -99,6 +103,14 @@ class Settings(BaseSettings):
         """As in the guidance agent: any value other than `false` turns the flag on."""
         if isinstance(value, str):
             return value.strip().lower() != "false"
+        return value
+
+    @field_validator("notify_running", mode="before")
+    @classmethod
+    def _true_only(cls, value: Any) -> Any:
+        """As in the guidance agent: only `true` (or 1/yes/on) turns it on; anything else is off."""
+        if isinstance(value, str):
+            return value.strip().lower() in ("true", "1", "yes", "on")
         return value
 
     @field_validator("input_allow", "allowed_buckets", "allowed_topics", mode="before")

@@ -240,3 +240,22 @@ def test_require_names_the_missing_setting_and_its_alias() -> None:
 def test_require_passes_when_every_setting_is_present() -> None:
     """`require` returns quietly when the named settings have values."""
     Settings(queue_url="https://sqs.example/q", bucket="b").require("queue_url", "bucket")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("", False), ("enabled", False)])
+def test_exp_callback_when_running_is_on_only_for_true(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    """As in the guidance agent, only `true` turns running notifications on; nothing is refused."""
+    monkeypatch.setenv("EXP_CALLBACK_WHEN_RUNNING", value)
+    assert load_settings().notify_running is expected
+
+
+def test_runtime_type_and_loglevel_are_read_as_the_guidance_writes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`RUNTIME_TYPE=SDWEBUI` is a1111 and `LOGLEVEL=WARN` is warning."""
+    monkeypatch.setenv("RUNTIME_TYPE", "SDWEBUI")
+    monkeypatch.setenv("LOGLEVEL", "WARN")
+    settings = load_settings()
+    assert (settings.backend, settings.log_level) == ("a1111", "warning")
