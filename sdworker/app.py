@@ -14,12 +14,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sdworker.aws import AwsClients, aws_clients
 from sdworker.backend import Backend
 from sdworker.errors import ConfigError
+from sdworker.health import HealthServer, Watchdog
 from sdworker.inputs import InputFetcher
 from sdworker.plugins import PluginHooks, find_backend
 from sdworker.queue import JobQueue
 from sdworker.settings import Settings
 from sdworker.spot import SpotWatcher
 from sdworker.storage import ResultStore
+from sdworker.telemetry import Telemetry, untraced
 from sdworker.worker import Worker
 
 log = structlog.get_logger("sdworker.app")
@@ -36,14 +38,30 @@ async def run_worker(
     backend: Backend | None = None,
     manager: pluggy.PluginManager | None = None,
     started: Callable[[Worker], None] | None = None,
+    telemetry: Telemetry | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT, a Spot notice or `Worker.stop()`; drain; return the
-    exit code (0, or 1 when the backend hung and SDWORKER_ON_BACKEND_HANG=exit)."""
+    exit code (0, or 1 when the backend hung and SDWORKER_ON_BACKEND_HANG=exit).
+
+    Without `telemetry`, traces and metrics follow the OTEL_* variables, are installed for the
+    process and flushed at the end; the health server answers from before the backend starts.
+    """
     settings.require("queue_url", "bucket")
     backend = backend or make_backend(settings, manager)
-    async with aws_clients() as clients, AsyncExitStack() as stack:
-        worker = await _build_worker(settings, clients, backend, PluginHooks(manager), stack)
-        watcher = asyncio.create_task(SpotWatcher(settings, worker.on_spot_notice).run())
+    async with AsyncExitStack() as stack:
+        if telemetry is None:
+            telemetry = Telemetry.from_environment(settings).install()
+            stack.callback(telemetry.shutdown)
+        watchdog = Watchdog(settings.health_stall)
+        _serve_health(settings, watchdog, telemetry, stack)
+        stack.push_async_callback(_cancel, asyncio.create_task(watchdog.run()))
+        clients = await stack.enter_async_context(aws_clients())
+        hooks = PluginHooks(manager)
+        worker = await _build_worker(settings, clients, backend, hooks, stack, telemetry=telemetry)
+        watchdog.watch(worker.vitals)
+        worker.traces.metrics.observe(lambda: watchdog.vitals)
+        with untraced():  # the watcher's polls of the instance metadata are nobody's trace
+            watcher = asyncio.create_task(SpotWatcher(settings, worker.on_spot_notice).run())
         stack.push_async_callback(_cancel, watcher)
         if started:
             started(worker)
@@ -57,12 +75,33 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+def _serve_health(
+    settings: Settings, watchdog: Watchdog, telemetry: Telemetry, stack: AsyncExitStack
+) -> None:
+    """Probes and `/metrics` on SDWORKER_HEALTH_HOST:SDWORKER_HEALTH_PORT (port 0: none)."""
+    if not settings.health_port:
+        return
+    host, port = settings.health_host, settings.health_port
+    server = HealthServer(watchdog, telemetry.registry, host=host, port=port)
+    try:
+        server.start()
+    except OSError as error:
+        raise ConfigError(
+            f"SDWORKER_HEALTH_PORT: cannot listen on {host}:{port} ({error.strerror or error}); "
+            "free the port or pick another (0 turns the health server off)"
+        ) from None
+    stack.callback(server.stop)
+    log.info("health server listening", host=host, port=server.port)
+
+
 async def _build_worker(
     settings: Settings,
     clients: AwsClients,
     backend: Backend,
     hooks: PluginHooks,
     stack: AsyncExitStack,
+    *,
+    telemetry: Telemetry,
 ) -> Worker:
     assert settings.queue_url is not None
     queue = JobQueue(
@@ -76,7 +115,8 @@ async def _build_worker(
     stack.push_async_callback(fetcher.aclose)
     log.info("starting backend", backend=backend.name)
     stack.push_async_callback(backend.close)
-    await backend.start()
+    with untraced():  # a backend's own background polls are nobody's trace either
+        await backend.start()
     return Worker(
         settings,
         queue=queue,
@@ -85,6 +125,7 @@ async def _build_worker(
         backend=backend,
         hooks=hooks,
         dlq_url=dlq_url,
+        telemetry=telemetry,
     )
 
 

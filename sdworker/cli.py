@@ -7,7 +7,7 @@ import difflib
 import os
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -247,6 +247,13 @@ def plugins() -> None:
 def check(
     backend: Annotated[bool, typer.Option(help="Also start the backend and wait for it.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the backend.")] = 30,
+    probe: Annotated[
+        str | None,
+        typer.Option(
+            help="Only ask the running worker's health server: healthz (alive) or readyz "
+            "(taking work); exit 0 or 1, for exec probes (at most 5 s).",
+        ),
+    ] = None,
     config: Config = None,
     sets: Sets = None,
 ) -> None:
@@ -254,11 +261,34 @@ def check(
     from sdworker.check import run_checks
 
     settings = _guarded(lambda: _settings(config, sets))
+    if probe is not None:
+        _probe(settings, probe, min(timeout, 5.0))
+        return
     configure_logging(settings.log_format, "warning")
     results = _run(run_checks(settings, backend=backend, timeout_s=timeout))
     cli_output.print_check(results)
     if not all(ok for _, ok, _ in results):
         raise typer.Exit(1)
+
+
+def _probe(settings: Settings, name: str, timeout_s: float) -> None:
+    """Ask the health server on this machine; exit 1 unless it answers 200."""
+    from sdworker.health import PROBES, probe, probe_url
+
+    if name not in PROBES:
+        _stop(f"--probe {name}: use healthz or readyz")
+    if not settings.health_port:
+        _stop("SDWORKER_HEALTH_PORT is 0: the health server is off; set the worker's port")
+    ok, detail = probe(probe_url(settings.health_host, settings.health_port, name), timeout_s)
+    typer.echo(f"{'ok' if ok else 'FAIL'} {name}: {detail}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _stop(message: str) -> NoReturn:
+    """End the program with a one-line usage or settings error, exit code 2."""
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(2)
 
 
 def _guarded(build: Callable[[], T]) -> T:

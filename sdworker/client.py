@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
+from opentelemetry import trace
 
 from sdworker.aws import AwsClients
+from sdworker.telemetry import trace_attributes
 
 FINAL = frozenset({"succeeded", "failed", "completed"})
 
@@ -29,18 +31,45 @@ async def send_jobs(
     *,
     queue_url: str | None,
     topic_arn: str | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> list[str]:
-    """Send jobs to the queue, or publish them to an input topic; return their ids."""
+    """Send jobs to the queue, or publish them to an input topic; return their ids.
+
+    Each send is a producer span of `tracer` whose context goes with the message as a
+    `traceparent` attribute, so that the worker continues the same trace.
+    """
+    tracer = tracer or trace.get_tracer("sdworker.client")
+    destination = (topic_arn or queue_url or "").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
     ids = []
     for job in jobs:
-        body = json.dumps(job)
-        if topic_arn:
-            await clients.sns.publish(TopicArn=topic_arn, Message=body)
-        else:
-            assert queue_url is not None
-            await clients.sqs.send_message(QueueUrl=queue_url, MessageBody=body)
         ids.append(_job_id(job))
+        with tracer.start_as_current_span(
+            f"send {destination}",
+            kind=trace.SpanKind.PRODUCER,
+            attributes=_send_attributes(destination, topic=bool(topic_arn), job_id=ids[-1]),
+        ):
+            await _send(clients, json.dumps(job), queue_url, topic_arn)
     return ids
+
+
+async def _send(clients: AwsClients, body: str, queue_url: str | None, topic: str | None) -> None:
+    attributes = trace_attributes()
+    if topic:
+        await clients.sns.publish(TopicArn=topic, Message=body, MessageAttributes=attributes)
+    else:
+        assert queue_url is not None
+        await clients.sqs.send_message(
+            QueueUrl=queue_url, MessageBody=body, MessageAttributes=attributes
+        )
+
+
+def _send_attributes(destination: str, *, topic: bool, job_id: str) -> dict[str, str]:
+    return {
+        "messaging.system": "aws_sns" if topic else "aws_sqs",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": destination,
+        "sdworker.job.id": job_id,
+    }
 
 
 def _job_id(job: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ LOCAL_CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
     # No instance metadata on a workstation: do not even probe 169.254.169.254.
     "SDWORKER_SPOT": "off",
+    # No kubelet either: no probe server on 0.0.0.0:8080 (`--set health_port=8080` for one).
+    "SDWORKER_HEALTH_PORT": "0",
 }
 
 

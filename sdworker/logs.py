@@ -1,4 +1,5 @@
-"""structlog set-up: JSON in production, console in dev; secrets never reach a log line."""
+"""structlog set-up: JSON in production, console in dev; secrets never reach a log line; a
+job's lines carry its trace_id and span_id."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 _SECRET_KEYS = frozenset({"receipt_handle", "ReceiptHandle", "aws_secret_access_key", "token"})
 _PRESIGNED = re.compile(
@@ -26,6 +28,17 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+def add_trace_ids(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Add the current `trace_id` and `span_id` (hex, as in W3C and OTLP), so logs join traces."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
 def configure_logging(log_format: str = "json", level: str = "info") -> None:
     """Route structlog (and the standard library's warnings and errors) to stderr."""
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -37,6 +50,7 @@ def configure_logging(log_format: str = "json", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -7,12 +7,17 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from botocore.exceptions import ClientError
 from types_aiobotocore_sqs import SQSClient
 from types_aiobotocore_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
+
+from sdworker.telemetry import untraced
+
+if TYPE_CHECKING:
+    from sdworker.telemetry import JobTrace
 
 log = structlog.get_logger("sdworker.queue")
 
@@ -32,6 +37,8 @@ class Delivery:
     attributes: dict[str, Any]
     received_at: float = field(default_factory=time.monotonic)
     visible_until: float = 0.0
+    trace_header: str | None = None  # the AWSTraceHeader system attribute (X-Ray format)
+    trace: JobTrace | None = None  # the job's trace while the message is held
 
     @classmethod
     def from_sqs(cls, message: Any, visibility_timeout: int) -> Delivery:
@@ -46,6 +53,7 @@ class Delivery:
             sent_at=int(sent) / 1000 if sent else None,
             attributes=dict(message.get("MessageAttributes", {})),
             visible_until=time.monotonic() + visibility_timeout,
+            trace_header=system.get("AWSTraceHeader"),
         )
 
     @property
@@ -151,6 +159,7 @@ class Heartbeat:
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
         self.held: dict[str, Delivery] = {}
+        self.failures = 0  # failed calls and failed entries, for the metrics
 
     def hold(self, delivery: Delivery) -> Delivery:
         """Start extending `delivery`; a duplicate receive refreshes the held receipt handle."""
@@ -177,8 +186,10 @@ class Heartbeat:
         while True:
             await asyncio.sleep(max(0.2, min(5.0, timeout / 4)))
             try:
-                await self.beat()
+                with untraced():  # one call for many jobs, every few seconds: not a trace each
+                    await self.beat()
             except (ClientError, OSError) as error:
+                self.failures += 1
                 log.warning("heartbeat failed; retrying", error=str(error))
 
     async def beat(self) -> None:
@@ -193,6 +204,7 @@ class Heartbeat:
                 by_extension.setdefault(extension, []).append(delivery)
         for extension, deliveries in by_extension.items():
             failed = await self.queue.set_visibility(deliveries, extension)
+            self.failures += len(failed)
             for delivery in deliveries:
                 if delivery not in failed:
                     delivery.visible_until = now + extension

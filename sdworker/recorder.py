@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
@@ -17,12 +18,17 @@ from sdworker.plugins import PluginHooks
 from sdworker.queue import Delivery, Heartbeat, JobQueue
 from sdworker.settings import Settings
 from sdworker.storage import Location, ResultStore
+from sdworker.telemetry import JobTraces
 from sdworker.work import Failed, Outcome, Succeeded, Work, ms_since, total_ms
 
 log = structlog.get_logger("sdworker.recorder")
 
 AWS_ERRORS = (ClientError, BotoCoreError, OSError)
 _MAX_BACKOFF_S = 900
+
+# Why a message goes back to the queue: a retryable failure, a shutdown, a job for another
+# backend, or trouble of the worker's own (AWS, a bug). Also the outcome on its trace.
+Reason = Literal["retry", "shutdown", "foreign", "error"]
 
 
 class Recorder:
@@ -38,6 +44,7 @@ class Recorder:
         hooks: PluginHooks,
         dlq_url: str,
         backend_name: str,
+        traces: JobTraces,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -46,6 +53,7 @@ class Recorder:
         self.hooks = hooks
         self.dlq_url = dlq_url
         self.backend_name = backend_name
+        self.traces = traces
 
     async def record(self, work: Work, outcome: Outcome) -> None:
         """Record the outcome; if that fails, hand the message back rather than lose it."""
@@ -55,20 +63,23 @@ class Recorder:
             elif isinstance(outcome, Failed):
                 await self._record_failure(work, outcome.error)
             else:
-                await self.hand_back([work.delivery])
+                await self.hand_back([work.delivery], reason="shutdown")
                 if self.settings.notify_requeued and work.job is not None:
                     await self.announce(work, notifications.requeued)
         except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
             log.error("could not record the outcome; handing the message back", error=repr(error))
-            await self.hand_back([work.delivery], delay_s=self.backoff(work.attempt))
+            self.traces.failed(work.delivery, error)
+            delay = self.backoff(work.attempt)
+            await self.hand_back([work.delivery], delay_s=delay, reason="error")
 
     async def _record_success(self, work: Work, result: BackendResult) -> None:
         assert work.job is not None and work.location is not None
         started = time.monotonic()
         output_format = work.job.spec.output.format
-        stored = await self.store.put_outputs(work.location, result.outputs, output_format)
-        if work.attempt > 1 or work.had_previous_result:
-            await self.store.remove_stale(work.location, [output.uri for output in stored])
+        with self.traces.stage("upload", work.delivery):
+            stored = await self.store.put_outputs(work.location, result.outputs, output_format)
+            if work.attempt > 1 or work.had_previous_result:
+                await self.store.remove_stale(work.location, [output.uri for output in stored])
         work.timings_ms["upload"] = ms_since(started)
         work.timings_ms["total"] = total_ms(work)
         body = notifications.succeeded(
@@ -80,17 +91,20 @@ class Recorder:
             timings_ms=work.timings_ms,
         )
         await self._write_and_publish(work, body)
-        await self.finish(work.delivery)
+        await self.finish(work.delivery, "succeeded")
         await self.hooks.job_finished(body)
         log.info("job succeeded", outputs=len(stored), timings_ms=work.timings_ms)
 
     async def _record_failure(self, work: Work, error: JobError) -> None:
+        self.traces.failed(work.delivery, error)
         if error.retryable and work.attempt < self.settings.max_attempts:
             delay = self.backoff(work.attempt)
             log.warning(
                 "job failed; will retry", error=str(error), attempt=work.attempt, retry_in_s=delay
             )
-            await self.hand_back([work.delivery], delay_s=delay)
+            task = work.job.spec.task if work.job else "unknown"
+            self.traces.metrics.retried(task=task, error_code=error.code)
+            await self.hand_back([work.delivery], delay_s=delay, reason="retry")
             return
         if error.retryable:
             error = type(error)(f"{error} (gave up after {work.attempt} attempts)", code=error.code)
@@ -98,8 +112,9 @@ class Recorder:
         body = self._failure_body(work, error)
         if body is not None:
             await self._write_and_publish(work, body)
-        await self.queue.send_to(self.dlq_url, work.delivery, f"{error.code}: {error}")
-        await self.finish(work.delivery)
+        with self.traces.stage("dead-letter", work.delivery):
+            await self.queue.send_to(self.dlq_url, work.delivery, f"{error.code}: {error}")
+        await self.finish(work.delivery, "failed")
         if body is not None:
             await self.hooks.job_finished(body)
 
@@ -120,9 +135,10 @@ class Recorder:
     async def _write_and_publish(self, work: Work, body: Body) -> None:
         """Write result.json (the job's done marker), then announce it."""
         location = work.location or self._default_location(str(body.get("id", "")))
-        if location is not None:
-            await self.store.put_result(location, body)
-        await self.store.publish(self._topic(work), body)
+        with self.traces.stage("notify", work.delivery):
+            if location is not None:
+                await self.store.put_result(location, body)
+            await self.store.publish(self._topic(work), body)
 
     def _default_location(self, job_id: str) -> Location | None:
         """Where a job that failed before its own location was known keeps its result."""
@@ -153,16 +169,24 @@ class Recorder:
             runtime_name=self.settings.runtime_name,
         )
 
-    async def finish(self, delivery: Delivery) -> None:
-        """Stop the heartbeat and delete: the outcome is recorded."""
+    async def finish(self, delivery: Delivery, outcome: str) -> None:
+        """Stop the heartbeat and delete: the outcome is recorded; the job's trace ends."""
         self.heartbeat.drop([delivery])
-        await self.queue.delete(delivery)
+        with self.traces.stage("delete", delivery):
+            await self.queue.delete(delivery)
+        self.traces.close(delivery, outcome)
 
-    async def hand_back(self, deliveries: list[Delivery], delay_s: int = 0) -> None:
-        """Make messages visible again after `delay_s` seconds (0: at once)."""
+    async def hand_back(
+        self, deliveries: list[Delivery], delay_s: int = 0, *, reason: Reason
+    ) -> None:
+        """Make messages visible again after `delay_s` seconds (0: at once); their traces end
+        with `reason` as the outcome."""
         if not deliveries:
             return
         self.heartbeat.drop(deliveries)
+        self.traces.metrics.handed_back(reason, len(deliveries))
+        for delivery in deliveries:
+            self.traces.close(delivery, reason)
         try:
             await self.queue.release(deliveries, delay_s)
         except AWS_ERRORS as error:
@@ -182,8 +206,9 @@ class Recorder:
         if not previous or previous.get("status") not in ("succeeded", "completed"):
             return False
         log.info("job already done; announcing its result again")
-        await self.store.publish(self.store.topic(work.job), previous)
-        await self.finish(work.delivery)
+        with self.traces.stage("notify", work.delivery):
+            await self.store.publish(self.store.topic(work.job), previous)
+        await self.finish(work.delivery, "already_done")
         return True
 
     def backoff(self, attempt: int) -> int:

@@ -20,6 +20,7 @@ from sdworker.errors import PermanentError
 from sdworker.jobs import Job
 from sdworker.notifications import StoredOutput, message_attributes
 from sdworker.settings import Settings
+from sdworker.telemetry import trace_attributes
 
 _FORMATS = {
     "png": ("PNG", "image/png"),
@@ -140,12 +141,13 @@ class ResultStore:
         )
 
     async def publish(self, topic_arn: str | None, body: dict[str, Any]) -> None:
-        """Publish a notification with `status`, `backend` and `id` attributes for filters."""
+        """Publish a notification with `status`, `backend` and `id` attributes for filters, and
+        the job's trace context (`traceparent`) so that a consumer can continue its trace."""
         if topic_arn:
             await self.sns.publish(
                 TopicArn=topic_arn,
                 Message=json.dumps(body),
-                MessageAttributes=message_attributes(body),
+                MessageAttributes={**message_attributes(body), **trace_attributes()},
             )
 
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdworker.aws import aws_clients
+from sdworker.aws import AwsClients, aws_clients
 from sdworker.cli_output import JobProgress, console, print_results
 from sdworker.client import Follower, download, new_job, output_uris, send_jobs
 from sdworker.errors import ConfigError
 from sdworker.settings import Settings
+from sdworker.telemetry import exporter_names, tracer_provider
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,26 @@ def _pair(flag: str, item: str, *, parse: bool = False) -> tuple[str, Any]:
         return name, value
 
 
+async def _send_traced(
+    settings: Settings, clients: AwsClients, jobs: list[dict[str, Any]], topic_arn: str | None
+) -> tuple[list[str], str | None]:
+    """Send the jobs in one new trace; return their ids, and the trace id if it is exported
+    (OTEL_*): the worker continues the trace either way."""
+    provider = tracer_provider(settings, always=True)
+    assert provider is not None
+    tracer = provider.get_tracer("sdworker.submit")
+    try:
+        with tracer.start_as_current_span("sdworker submit") as span:
+            queue_url = settings.queue_url
+            ids = await send_jobs(
+                clients, jobs, queue_url=queue_url, topic_arn=topic_arn, tracer=tracer
+            )
+        exported = bool(exporter_names("traces"))
+        return ids, format(span.get_span_context().trace_id, "032x") if exported else None
+    finally:
+        provider.shutdown()
+
+
 def jobs_from_file(path: Path) -> list[dict[str, Any]]:
     """A job, or a list of jobs, from a JSON file."""
     try:
@@ -74,10 +95,9 @@ async def submit_jobs(
     if not options.topic_arn:
         settings.require("queue_url")
     async with aws_clients() as clients:
-        ids = await send_jobs(
-            clients, jobs, queue_url=settings.queue_url, topic_arn=options.topic_arn
-        )
-        console.print(f"submitted {len(ids)} job(s): {', '.join(ids)}")
+        ids, trace_id = await _send_traced(settings, clients, jobs, options.topic_arn)
+        traced = f" (trace {trace_id})" if trace_id else ""
+        console.print(f"submitted {len(ids)} job(s): {', '.join(ids)}{traced}")
         if not options.wait:
             return True
         settings.require("bucket")

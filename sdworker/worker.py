@@ -28,6 +28,7 @@ from sdworker.errors import (
     RetryableError,
     UnsupportedJob,
 )
+from sdworker.health import Vitals
 from sdworker.inputs import InputFetcher
 from sdworker.jobs import Job, parse_message
 from sdworker.notifications import Body
@@ -37,6 +38,7 @@ from sdworker.recorder import AWS_ERRORS, Recorder
 from sdworker.settings import Settings
 from sdworker.shutdown import DurationHistory, to_hand_back
 from sdworker.storage import ResultStore
+from sdworker.telemetry import JobTraces, Poll, Telemetry, mark_error, untraced
 from sdworker.work import Failed, HandBack, Outcome, Succeeded, Work, ms_since, queued_ms
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class Worker:
         backend: Backend,
         hooks: PluginHooks,
         dlq_url: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -70,6 +73,7 @@ class Worker:
         self.backend = backend
         self.hooks = hooks
         self.heartbeat = Heartbeat(queue)
+        self.traces = JobTraces(telemetry or Telemetry(), queue_url=queue.url, backend=backend.name)
         self.recorder = Recorder(
             settings,
             queue=queue,
@@ -78,6 +82,7 @@ class Worker:
             hooks=hooks,
             dlq_url=dlq_url,
             backend_name=backend.name,
+            traces=self.traces,
         )
         self.capacity = settings.concurrency or backend.capacity
         self.limit = self.capacity + settings.prefetch
@@ -101,6 +106,17 @@ class Worker:
         """Whether new messages are received: false from the first moment of shutdown."""
         intake_on = self._intake_task is not None and not self._intake_task.done()
         return intake_on and not self._stopping.is_set() and self._backend_usable()
+
+    def vitals(self) -> Vitals:
+        """What the health probes and gauges report, read on the worker's loop."""
+        return Vitals(
+            taking_work=self.taking_work,
+            backend_ready=self.backend.ready,
+            in_flight=len(self.heartbeat.held),
+            prefetched=len(self._unstarted),
+            running=len(self._running),
+            heartbeat_failures=self.heartbeat.failures,
+        )
 
     def stop(self, deadline_s: float | None = None) -> None:
         """Stop intake and drain within the deadline (or `deadline_s`, if sooner).
@@ -170,16 +186,19 @@ class Worker:
             async with self._room:
                 await self._room.wait_for(lambda: self._holding < self.limit)
                 wanted = self.limit - self._holding
+            started = time.time_ns()
             try:
-                deliveries = await self.queue.receive(wanted)
+                with untraced():  # a long poll is no job's: each message's trace records it
+                    deliveries = await self.queue.receive(wanted)
                 failures = 0
             except AWS_ERRORS as error:
                 failures += 1
                 log.warning("receive failed; retrying", error=str(error), attempt=failures)
                 await asyncio.sleep(min(30.0, 0.5 * 2**failures))
                 continue
+            poll = Poll(started, time.time_ns(), len(deliveries))
             for delivery in deliveries:
-                self._accept(delivery)
+                self._accept(delivery, poll)
 
     def _backend_usable(self) -> bool:
         return self.backend.ready and not self._backend_hung
@@ -193,7 +212,7 @@ class Worker:
             await asyncio.sleep(0.5)
         log.info("backend ready again: receiving")
 
-    def _accept(self, delivery: Delivery) -> None:
+    def _accept(self, delivery: Delivery, poll: Poll) -> None:
         if self.heartbeat.is_held(delivery.message_id):
             self.heartbeat.hold(delivery)  # a duplicate delivery: keep the newest receipt handle
             log.info("duplicate delivery of a held message ignored", message_id=delivery.message_id)
@@ -201,7 +220,9 @@ class Worker:
         self.heartbeat.hold(delivery)
         self._holding += 1
         self._unstarted[delivery.message_id] = delivery
-        self._spawn(self._prepare(delivery), self._preparing)
+        self.traces.open(delivery, poll)
+        with self.traces.active(delivery):
+            self._spawn(self._prepare(delivery), self._preparing)
 
     # prepare ------------------------------------------------------------------------------
 
@@ -212,16 +233,17 @@ class Worker:
                 await self._prepare_work(work)
             except LeaveForOthers:
                 await self._give_up_slot(work)
-                await self.recorder.hand_back([delivery], delay_s=int(self.settings.retry_backoff))
+                delay = int(self.settings.retry_backoff)
+                await self.recorder.hand_back([delivery], delay_s=delay, reason="foreign")
             except JobError as error:
                 await self._give_up_slot(work)
                 self._spawn(self.recorder.record(work, Failed(error)), self._recording)
             except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
                 log.warning("could not prepare the job; handing it back", error=repr(error))
+                self.traces.failed(delivery, error)
                 await self._give_up_slot(work)
-                await self.recorder.hand_back(
-                    [delivery], delay_s=self.recorder.backoff(work.attempt)
-                )
+                delay = self.recorder.backoff(work.attempt)
+                await self.recorder.hand_back([delivery], delay_s=delay, reason="error")
 
     async def _prepare_work(self, work: Work) -> None:
         try:
@@ -230,6 +252,7 @@ class Worker:
             log.warning("invalid job message", error=str(error), job_id=error.job_id)
             raise
         structlog.contextvars.bind_contextvars(job_id=work.job.spec.id)
+        self.traces.identify(work.delivery, work.job)
         self._check_routing(work.job)
         work.location = self.store.location(work.job)
         self.store.topic(work.job)
@@ -237,9 +260,10 @@ class Worker:
             await self._give_up_slot(work)
             return
         started = time.monotonic()
-        inputs = await self.fetcher.fetch_all(
-            {name: uri for name, uri in work.job.spec.inputs.items() if uri}
-        )
+        with self.traces.stage("inputs", work.delivery):
+            inputs = await self.fetcher.fetch_all(
+                {name: uri for name, uri in work.job.spec.inputs.items() if uri}
+            )
         work.timings_ms["inputs"] = ms_since(started)
         work.request = _request(work, inputs)
         await self._ready.put(work)
@@ -268,7 +292,10 @@ class Worker:
                 continue  # still unstarted: the drain hands it back
             self._unstarted.pop(work.delivery.message_id, None)
             assert work.job is not None
-            with structlog.contextvars.bound_contextvars(job_id=work.job.spec.id):
+            with (
+                structlog.contextvars.bound_contextvars(job_id=work.job.spec.id),
+                self.traces.active(work.delivery),
+            ):
                 outcome = await self._execute(work)
                 self._spawn(self.recorder.record(work, outcome), self._recording)
 
@@ -284,6 +311,13 @@ class Worker:
             await self._give_up_slot(work)
 
     async def _generate(self, work: Work, request: JobRequest) -> Outcome:
+        with self.traces.stage("generate", work.delivery) as span:
+            outcome = await self._generate_outcome(work, request)
+            if isinstance(outcome, Failed):
+                mark_error(span, outcome.error)
+            return outcome
+
+    async def _generate_outcome(self, work: Work, request: JobRequest) -> Outcome:
         started = work.started_at = time.monotonic()
         try:
             request = self.hooks.prepare_job(request)
@@ -366,7 +400,8 @@ class Worker:
         if interval and now - work.progress_sent_at >= interval:
             work.progress_sent_at = now
             announce = functools.partial(_with_progress, reading=progress)
-            self._spawn(self.recorder.announce(work, announce), self._recording)
+            with self.traces.active(work.delivery):  # a thread's report comes without context
+                self._spawn(self.recorder.announce(work, announce), self._recording)
 
     async def _give_up_slot(self, work: Work) -> None:
         self._unstarted.pop(work.delivery.message_id, None)
@@ -387,7 +422,7 @@ class Worker:
             self._ready.get_nowait()
         for _ in runners:
             self._ready.put_nowait(None)
-        await self.recorder.hand_back(list(self._unstarted.values()))
+        await self.recorder.hand_back(list(self._unstarted.values()), reason="shutdown")
         self._unstarted.clear()
         await self._wait_for_running(runners)
         if self._recording:
@@ -419,7 +454,7 @@ class Worker:
         if pending:
             stuck = [work.delivery for work in self._running.values()]
             await _cancel(list(pending))
-            await self.recorder.hand_back(stuck)
+            await self.recorder.hand_back(stuck, reason="shutdown")
 
 
 def _request(work: Work, inputs: dict[str, InputFile]) -> JobRequest:
