@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from botocore.exceptions import ClientError
 from types_aiobotocore_sqs import SQSClient
 from types_aiobotocore_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
 
@@ -160,6 +159,7 @@ class Heartbeat:
         self.queue = queue
         self.held: dict[str, Delivery] = {}
         self.failures = 0  # failed calls and failed entries, for the metrics
+        self.lock = asyncio.Lock()  # a hand-back and a beat never cross: see `beat`
 
     def hold(self, delivery: Delivery) -> Delivery:
         """Start extending `delivery`; a duplicate receive refreshes the held receipt handle."""
@@ -188,9 +188,9 @@ class Heartbeat:
             try:
                 with untraced():  # one call for many jobs, every few seconds: not a trace each
                     await self.beat()
-            except (ClientError, OSError) as error:
+            except Exception as error:  # the heartbeat must outlive any failure: log and go on
                 self.failures += 1
-                log.warning("heartbeat failed; retrying", error=str(error))
+                log.warning("heartbeat failed; retrying", error=repr(error))
 
     async def beat(self) -> None:
         """Extend every held message whose visibility ends within half a timeout."""
@@ -203,8 +203,10 @@ class Heartbeat:
             if extension > 0:
                 by_extension.setdefault(extension, []).append(delivery)
         for extension, deliveries in by_extension.items():
-            failed = await self.queue.set_visibility(deliveries, extension)
+            async with self.lock:  # a message handed back meanwhile must not be hidden again
+                batch = [d for d in deliveries if self.held.get(d.message_id) is d]
+                failed = await self.queue.set_visibility(batch, extension) if batch else []
             self.failures += len(failed)
-            for delivery in deliveries:
+            for delivery in batch:
                 if delivery not in failed:
                     delivery.visible_until = now + extension

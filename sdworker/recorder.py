@@ -183,12 +183,13 @@ class Recorder:
         with `reason` as the outcome."""
         if not deliveries:
             return
-        self.heartbeat.drop(deliveries)
         self.traces.metrics.handed_back(reason, len(deliveries))
         for delivery in deliveries:
             self.traces.close(delivery, reason)
         try:
-            await self.queue.release(deliveries, delay_s)
+            async with self.heartbeat.lock:
+                self.heartbeat.drop(deliveries)
+                await self.queue.release(deliveries, delay_s)
         except AWS_ERRORS as error:
             log.error(
                 "could not hand messages back; they reappear after their visibility timeout",

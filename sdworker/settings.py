@@ -66,6 +66,7 @@ class Settings(BaseSettings):
         "http://169.254.169.254", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "SDWORKER_METADATA_ENDPOINT"
     )
     backend_grace: float = _env(30.0, "SDWORKER_BACKEND_GRACE", ge=0)
+    job_timeout: float = _env(3600.0, "SDWORKER_JOB_TIMEOUT", gt=0)
     on_backend_hang: Literal["exit", "wait"] = _env("exit", "SDWORKER_ON_BACKEND_HANG")
     health_port: int = _env(8080, "SDWORKER_HEALTH_PORT", ge=0, le=65_535)
     health_host: str = _env("0.0.0.0", "SDWORKER_HEALTH_HOST")  # the kubelet probes the pod IP

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from botocore.exceptions import ClientError
 from PIL import Image
 from types_aiobotocore_s3 import S3Client
@@ -21,6 +22,8 @@ from sdworker.jobs import Job
 from sdworker.notifications import StoredOutput, message_attributes
 from sdworker.settings import Settings
 from sdworker.telemetry import trace_attributes
+
+log = structlog.get_logger("sdworker.storage")
 
 _FORMATS = {
     "png": ("PNG", "image/png"),
@@ -117,7 +120,16 @@ class ResultStore:
         )
 
     async def remove_stale(self, location: Location, keep: Sequence[str]) -> None:
-        """Delete outputs of an earlier attempt that this attempt did not overwrite."""
+        """Delete outputs of an earlier attempt that this attempt did not overwrite.
+
+        Best effort: without `s3:ListBucket`/`s3:DeleteObject` the old files stay, and are logged.
+        """
+        try:
+            await self._remove_stale(location, keep)
+        except ClientError as error:
+            log.warning("could not remove outputs of an earlier attempt", error=str(error))
+
+    async def _remove_stale(self, location: Location, keep: Sequence[str]) -> None:
         listing = await self.s3.list_objects_v2(
             Bucket=location.bucket, Prefix=f"{location.folder}/"
         )
@@ -129,7 +141,15 @@ class ResultStore:
             if item["Key"] not in kept and "/" not in item["Key"][len(location.folder) + 1 :]
         ]
         if stale:
-            await self.s3.delete_objects(Bucket=location.bucket, Delete={"Objects": stale})
+            deleted = await self.s3.delete_objects(
+                Bucket=location.bucket, Delete={"Objects": stale}
+            )
+            for error in deleted.get("Errors", []):
+                log.warning(
+                    "could not remove an earlier output",
+                    key=error.get("Key"),
+                    code=error.get("Code"),
+                )
 
     async def put_result(self, location: Location, body: dict[str, Any]) -> None:
         """Write result.json, the job's final notification body and its done marker."""
@@ -146,9 +166,25 @@ class ResultStore:
         if topic_arn:
             await self.sns.publish(
                 TopicArn=topic_arn,
-                Message=json.dumps(body),
+                Message=fit_for_sns(body),
                 MessageAttributes={**message_attributes(body), **trace_attributes()},
             )
+
+
+SNS_LIMIT_BYTES = 262_144
+_SNS_SAFE_BYTES = SNS_LIMIT_BYTES - 8_192  # room for the attributes
+
+
+def fit_for_sns(body: dict[str, Any]) -> str:
+    """The body as JSON, with `info` cut out when it would pass SNS's 256 KiB limit.
+
+    result.json keeps the whole body; the notification says where to find it.
+    """
+    text = json.dumps(body)
+    if len(text.encode()) <= _SNS_SAFE_BYTES or "info" not in body:
+        return text
+    log.warning("notification too large for SNS: info left out", bytes=len(text.encode()))
+    return json.dumps({**body, "info": {"truncated": True, "see": body.get("result")}})
 
 
 def convert(output: Output, output_format: str) -> Output:

@@ -25,6 +25,7 @@ class Work:
     progress_sent_at: float = 0.0
     had_previous_result: bool = False
     started_at: float | None = None
+    generation_done: bool = False
 
     @property
     def job_id(self) -> str | None:

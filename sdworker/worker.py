@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sdworker.worker")
 
+_DRAIN_GRACE_S = 5.0
+
 
 class LeaveForOthers(Exception):
     """The job is for a backend this worker does not run, and such jobs are left to others."""
@@ -301,13 +303,14 @@ class Worker:
 
     async def _execute(self, work: Work) -> Outcome:
         assert work.job is not None and work.request is not None
-        self._running[work.job.spec.id] = work
+        self._running[work.delivery.message_id] = work
         try:
             if self.settings.notify_running:
                 self._spawn(self.recorder.announce(work, notifications.running), self._recording)
             return await self._generate(work, work.request)
         finally:
-            self._running.pop(work.job.spec.id, None)
+            work.generation_done = True
+            self._running.pop(work.delivery.message_id, None)
             await self._give_up_slot(work)
 
     async def _generate(self, work: Work, request: JobRequest) -> Outcome:
@@ -338,28 +341,34 @@ class Worker:
         """Run the job; past `timeout_s`, interrupt it, and if it does not stop, act on a hang."""
         run = asyncio.ensure_future(self.backend.run(request, self._progress_callback(work)))
         try:
-            await asyncio.wait({run}, timeout=request.timeout_s)
+            await asyncio.wait({run}, timeout=request.timeout_s or self.settings.job_timeout)
             if not run.done():
                 await self._interrupt_late(run, request)
             return run.result()
-        except asyncio.CancelledError:
-            run.cancel()
-            raise
+        finally:
+            if not run.done():
+                run.cancel()
 
     async def _interrupt_late(
         self, run: asyncio.Future[BackendResult], request: JobRequest
     ) -> None:
-        log.warning("job past its timeout_s: interrupting it", timeout_s=request.timeout_s)
-        await self.backend.interrupt(request.id)
+        log.warning("job past its timeout: interrupting it", timeout_s=request.timeout_s)
+        await self._interrupt(request.id)
         await asyncio.wait({run}, timeout=self.settings.backend_grace)
         if not run.done():
             run.cancel()
             self._on_backend_hang(request.id)
         elif not run.cancelled() and run.exception() is None:
             return  # it finished after all
-        raise RetryableError(
-            f"timeout_s: the job ran past {request.timeout_s} s and was interrupted"
-        )
+        limit = request.timeout_s or self.settings.job_timeout
+        raise RetryableError(f"timeout_s: the job ran past {limit} s and was interrupted")
+
+    async def _interrupt(self, job_id: str) -> None:
+        """Ask the backend to stop a job; a backend that fails to is logged, never fatal here."""
+        try:
+            await self.backend.interrupt(job_id)
+        except Exception:  # a plugin's bug must not stop a drain or a timeout
+            log.exception("the backend failed to interrupt a job", job=job_id)
 
     def _on_backend_hang(self, job_id: str) -> None:
         """The backend ignored an interrupt: stop taking work; exit or wait, by setting."""
@@ -394,6 +403,8 @@ class Worker:
         return report
 
     def _on_progress(self, work: Work, progress: Progress) -> None:
+        if work.generation_done:
+            return  # a late report must not announce progress after the outcome
         work.progress = progress
         interval = self.settings.progress_interval
         now = time.monotonic()
@@ -439,18 +450,19 @@ class Worker:
                 return
             policy = self.settings.shutdown_policy
             for work in to_hand_back(policy, self._running.values(), left, self.history):
-                if work.job_id and work.job_id not in handed:
-                    handed.add(work.job_id)
+                if work.job_id and work.delivery.message_id not in handed:
+                    handed.add(work.delivery.message_id)
                     log.info("handing back a job that cannot finish in time", job=work.job_id)
-                    await self.backend.interrupt(work.job_id)
+                    await self._interrupt(work.job_id)
             await asyncio.wait(runners, timeout=0.1)
 
     async def _interrupt_running(self, runners: list[asyncio.Task[None]]) -> None:
         running = list(self._running.values())
         log.warning("interrupting running jobs to hand them back", jobs=[w.job_id for w in running])
         for work in running:
-            await self.backend.interrupt(work.job_id or "")
-        _, pending = await asyncio.wait(runners, timeout=self.settings.backend_grace)
+            await self._interrupt(work.job_id or "")
+        grace = min(self.settings.backend_grace, _DRAIN_GRACE_S)  # the pod's grace period is near
+        _, pending = await asyncio.wait(runners, timeout=grace)
         if pending:
             stuck = [work.delivery for work in self._running.values()]
             await _cancel(list(pending))

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sdworker.aws import AwsClients, aws_clients
+from sdworker.aws import PROBE_CONFIG, AwsClients, aws_clients
 from sdworker.local import LocalAws, LocalResources
 from sdworker.queue import MAX_VISIBILITY_S, Delivery, Heartbeat, JobQueue
 from tests.aws_helpers import drain_messages, queue_counts
@@ -235,3 +235,18 @@ async def test_hold_of_a_duplicate_delivery_keeps_the_newest_receipt_handle(
     held = heartbeat.hold(second)
     assert held is first
     assert held.receipt_handle == second.receipt_handle != original_handle
+
+
+async def test_the_heartbeat_outlives_a_network_failure() -> None:
+    """A connection error during a beat is logged and counted; the heartbeat keeps running."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        async with aws_clients(PROBE_CONFIG) as dead:
+            queue = JobQueue(dead.sqs, "http://127.0.0.1:9/1/q", visibility_timeout=1, wait_s=0)
+            heartbeat = Heartbeat(queue)
+            heartbeat.hold(Delivery("m", "{}", "r", 1, None, {}, visible_until=0.0))
+            running = asyncio.create_task(heartbeat.run())
+            await asyncio.sleep(1.0)
+            assert not running.done() and heartbeat.failures >= 1
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)

@@ -256,3 +256,29 @@ async def test_a_rebalance_recommendation_only_stops_intake(
     assert body["id"] == "first" and len(backend.runs) == 1
     assert await queue_counts(clients, resources.queue_url) == (1, 0)
     assert not serving.done()
+
+
+async def test_two_messages_of_the_same_job_running_at_once_are_both_handed_back(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """Running jobs are tracked by message, so a duplicate id does not hide one from the drain."""
+    backend = FakeBackend(latency=30, steps=30, capacity=2)
+    await send(clients, resources, job("twin"))
+    await send(clients, resources, job("twin"))
+    worker, serving = await start(backend, shutdown_policy="requeue", prefetch=0)
+    await eventually(lambda: _async(len(backend.runs) == 2))
+    worker.stop()
+    await eventually(lambda: _visible(clients, resources, 2), within_s=5, interval=0.05)
+    assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_a_job_without_timeout_s_is_bounded_by_sdworker_job_timeout(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """SDWORKER_JOB_TIMEOUT interrupts a job that set no timeout of its own."""
+    backend = FakeBackend(latency=30, steps=30)
+    await start(backend, job_timeout=0.5, max_attempts=1)
+    await send(clients, resources, job("endless"))
+    [body] = await finals(clients, resources, 1)
+    assert body["status"] == "failed" and "ran past 0.5 s" in body["error"]["message"]
+    assert backend.interrupted == ["endless"]

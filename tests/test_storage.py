@@ -16,7 +16,7 @@ from sdworker.errors import PermanentError
 from sdworker.jobs import Job, parse_message
 from sdworker.local import LocalAws, LocalResources
 from sdworker.settings import Settings
-from sdworker.storage import Location, ResultStore
+from sdworker.storage import Location, ResultStore, fit_for_sns
 from tests.aws_helpers import drain_messages, queue_counts
 
 OTHER_TOPIC = "arn:aws:sns:us-east-1:123456789012:elsewhere"
@@ -227,3 +227,11 @@ async def test_publish_without_a_topic_sends_nothing(
     """With no topic configured, publishing is a no-op."""
     await store(clients).publish(None, {"id": "fox-1", "status": "succeeded"})
     assert await queue_counts(clients, resources.results_queue_url) == (0, 0)
+
+
+def test_a_notification_too_large_for_sns_leaves_its_info_out() -> None:
+    """Past SNS's 256 KiB, `info` is cut from the notification and points to result.json."""
+    body = {"id": "big", "result": "s3://b/results/big/result.json", "info": {"x": "y" * 300_000}}
+    sent = json.loads(fit_for_sns(body))
+    assert sent["info"] == {"truncated": True, "see": "s3://b/results/big/result.json"}
+    assert json.loads(fit_for_sns({"id": "small", "info": {"x": 1}}))["info"] == {"x": 1}

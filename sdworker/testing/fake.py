@@ -55,7 +55,7 @@ class FakeBackend:
         self.runs: list[JobRequest] = []
         self.interrupted: list[str] = []
         self.started = self.closed = False
-        self._running: dict[str, asyncio.Event] = {}
+        self._running: dict[str, set[asyncio.Event]] = {}  # a job id may run twice at once
 
     def spec(self) -> BackendSpec:
         """A `BackendSpec` whose factory returns this very instance."""
@@ -80,20 +80,23 @@ class FakeBackend:
         self.runs.append(request)
         if self.failures:
             raise self.failures.pop(0)
-        stop = self._running[request.id] = asyncio.Event()
+        stop = asyncio.Event()
+        self._running.setdefault(request.id, set()).add(stop)
         try:
             for step in range(1, self.steps + 1):
                 await _pause(stop, self.latency / self.steps, request.id, ignore_stop=self.hang)
                 progress(Progress(step, self.steps))
         finally:
-            del self._running[request.id]
+            self._running[request.id].discard(stop)
+            if not self._running[request.id]:
+                del self._running[request.id]
         return BackendResult(self._outputs(request), info={"backend": self.name})
 
     async def interrupt(self, job_id: str) -> None:
         """Record the call; a running job `job_id` raises `JobInterrupted` at once."""
         self.interrupted.append(job_id)
-        if job_id in self._running:
-            self._running[job_id].set()
+        for stop in self._running.get(job_id, ()):
+            stop.set()
 
     async def close(self) -> None:
         """Stop being ready; safe to call twice."""
