@@ -49,6 +49,7 @@ async def run_worker(
     settings.require("queue_url", "bucket")
     backend = backend or make_backend(settings, manager)
     async with AsyncExitStack() as stack:
+        stack.callback(_remove_signal_handlers)  # registered first: removed last, after cleanup
         if telemetry is None:
             telemetry = Telemetry.from_environment(settings).install()
             stack.callback(telemetry.shutdown)
@@ -148,13 +149,28 @@ async def dead_letter_queue(queue: JobQueue, settings: Settings) -> str:
     return found
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextmanager
 def _signals(worker: Worker) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the worker; after the drain they are ignored until cleanup is done,
+    so a late signal (a node drain after a Spot notice) cannot kill the flush of logs and traces."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _SIGNALS:
         loop.add_signal_handler(signum, worker.stop)
     try:
         yield
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        for signum in _SIGNALS:
+            loop.add_signal_handler(signum, _late_signal)
+
+
+def _late_signal() -> None:
+    log.info("signal received while cleaning up: already stopping")
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for signum in _SIGNALS:
+        loop.remove_signal_handler(signum)

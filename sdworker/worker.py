@@ -433,12 +433,26 @@ class Worker:
             self._ready.get_nowait()
         for _ in runners:
             self._ready.put_nowait(None)
-        await self.recorder.hand_back(list(self._unstarted.values()), reason="shutdown")
+        unstarted = list(self._unstarted.values())
         self._unstarted.clear()
+        try:  # in an AWS outage this call could retry past the deadline: it may not
+            async with asyncio.timeout(max(1.0, self._deadline_at - time.monotonic())):
+                await self.recorder.hand_back(unstarted, reason="shutdown")
+        except TimeoutError:
+            log.warning(
+                "could not hand back in time; the messages reappear after their visibility timeout",
+                count=len(unstarted),
+            )
         await self._wait_for_running(runners)
         if self._recording:
             left = max(1.0, self._deadline_at - time.monotonic())
-            await asyncio.wait(set(self._recording), timeout=left)
+            _, late = await asyncio.wait(set(self._recording), timeout=left)
+            if late:
+                log.warning(
+                    "outcomes still being recorded at the deadline: those messages "
+                    "reappear after their visibility timeout",
+                    count=len(late),
+                )
 
     async def _wait_for_running(self, runners: list[asyncio.Task[None]]) -> None:
         """Finish or hand back running jobs by policy; at the deadline, hand back the rest."""
