@@ -42,5 +42,10 @@ bench: install
 bench-quick: install
 	$(BIN)/python bench/run.py --quick
 
+# Issue 6's chaos run: a few hundred jobs through faulty workers; the last line is its JSON report.
+.PHONY: chaos
+chaos: install
+	$(BIN)/python bench/chaos.py --seed 1 --workers 3 --jobs 300
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
