@@ -38,7 +38,7 @@ def package(filename: str) -> str:
 def summary(path: Path, jobs: int, top: int = 20) -> dict[str, Any]:
     """CPU per job in all, by package (the 12 largest) and by function (the `top` largest by
     own time), from a cProfile statistics file."""
-    entries: dict[Any, Any] = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    entries: dict[Any, Any] = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # `stats` is public but untyped
     per_job = 1000 / max(1, jobs)
     by_package: Counter[str] = Counter()
     for (filename, _, _), (_, _, own, _, _) in entries.items():

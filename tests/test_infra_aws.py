@@ -136,7 +136,7 @@ def _create_stack(
     )
     [stack] = cloudformation.describe_stacks(StackName=name)["Stacks"]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
-    return pool_env.stack_outputs(cloudformation, name)  # type: ignore[no-any-return]
+    return pool_env.stack_outputs(cloudformation, name)  # type: ignore[no-any-return]  # untyped script
 
 
 def _subscribe_as_the_template_says(stack: str, parameters: Mapping[str, str]) -> None:
@@ -247,7 +247,7 @@ async def _wait_for(call_api: Any, job_id: str, within_s: float = 15) -> dict[st
         code, body = await call_api(status_event(job_id))
         assert code == 200
         if body["status"] != "pending":
-            return body  # type: ignore[no-any-return]
+            return body  # type: ignore[no-any-return]  # JSON
         await asyncio.sleep(0.2)
     raise AssertionError(f"{job_id} still pending after {within_s} s")
 
