@@ -13,6 +13,7 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ async def worker_loop(model: Path, jobs: int) -> float:
         )
         try:
             async with aws_clients() as clients:
+                run_id = uuid.uuid4().hex[:8]  # moto keeps state across servers in one process
                 batch = [
-                    new_job(job_id=f"bench-{n}", params={**JOB, "seed": n}) for n in range(jobs)
+                    new_job(job_id=f"bench-{run_id}-{n}", params={**JOB, "seed": n})
+                    for n in range(jobs)
                 ]
                 started = time.perf_counter()
                 ids = await send_jobs(clients, batch, queue_url=resources.queue_url)
