@@ -5,7 +5,7 @@ aiobotocore loop (`bare_consumer.py ceiling`) doing the same calls per job with 
 Every configuration has its own queue and its processes, all started at once and warmed up with
 a few jobs; the runs then feed one configuration at a time while the others wait in a long poll.
 
-    python bench/orchestration.py --jobs 400 --runs 3
+    python bench/orchestration.py --jobs 300 --runs 3
     python bench/orchestration.py --runs 1 --processes 1 --profile /tmp/worker.pstats
 
 The figure is `ratio` = sdworker jobs/s ÷ ceiling jobs/s (per run, then the median), for one
@@ -49,7 +49,7 @@ KINDS = ("sdworker", "ceiling")
 class Plan:
     """The run's size; the sdworker settings and the ceiling loop's concurrency."""
 
-    jobs: int = 400
+    jobs: int = 300
     runs: int = 3
     processes: tuple[int, ...] = (1, 4)
     depth: int = 20

@@ -29,6 +29,7 @@ import diffusers_overhead
 import footprint
 import orchestration
 import scaling
+from common import machine
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "busy_fraction": busy_fraction.measure,
@@ -52,6 +53,7 @@ def run(name: str, quick: bool, delay_ms: float | None) -> dict[str, Any]:
     except Exception as error:  # one broken benchmark must not hide the others' figures
         traceback.print_exc()
         result = {"name": name, "error": repr(error)}
+    result.setdefault("machine", machine())
     return {**result, "quick": quick, "elapsed_s": round(time.perf_counter() - started, 1)}
 
 

@@ -1,7 +1,7 @@
 """Scaling of cost with work: busy fraction and worker memory after 100, 1,000 and 5,000 jobs.
 
-One sdworker process (`fake_worker.py`, a `FakeBackend` of `--generation-ms` per job, 80 ms so
-that 5,000 jobs take under seven minutes) serves every job through the benchmarks' loopback proxy
+One sdworker process (`fake_worker.py`, a `FakeBackend` of `--generation-ms` per job, 70 ms so
+that 5,000 jobs take about six minutes) serves every job through the benchmarks' loopback proxy
 (`--delay-ms` per AWS call), fed by a producer that keeps the queue shallow. While it runs, its
 VmRSS is sampled with the number of jobs deleted so far. At each checkpoint N:
 
@@ -44,7 +44,7 @@ class Plan:
     """Checkpoints (the last is the number of jobs), pace and settings."""
 
     checkpoints: tuple[int, ...] = (100, 1000, 5000)
-    generation_ms: float = 80.0
+    generation_ms: float = 70.0
     delay_ms: float = 15.0
     depth: int = 5
     prefetch: int = 1
