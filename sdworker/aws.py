@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import NoRegionError
-from types_aiobotocore_s3 import S3Client
-from types_aiobotocore_sns import SNSClient
-from types_aiobotocore_sqs import SQSClient
 
 from sdworker.errors import ConfigError
+
+if TYPE_CHECKING:  # typing-only stubs: not imported at run time
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_sns import SNSClient
+    from types_aiobotocore_sqs import SQSClient
+
 
 # Standard retry mode backs off on throttling and 5xx; the read timeout outlasts a 20 s long poll.
 CLIENT_CONFIG = AioConfig(

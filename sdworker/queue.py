@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from types_aiobotocore_sqs import SQSClient
-from types_aiobotocore_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
 
 from sdworker.telemetry import untraced
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typing-only stubs: not imported at run time
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
+
     from sdworker.telemetry import JobTrace
 
 log = structlog.get_logger("sdworker.queue")

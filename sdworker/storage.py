@@ -7,14 +7,11 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from botocore.exceptions import ClientError
 from PIL import Image
-from types_aiobotocore_s3 import S3Client
-from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
-from types_aiobotocore_sns import SNSClient
 
 from sdworker.backend import Output
 from sdworker.errors import PermanentError
@@ -22,6 +19,12 @@ from sdworker.jobs import Job
 from sdworker.notifications import StoredOutput, message_attributes
 from sdworker.settings import Settings
 from sdworker.telemetry import trace_attributes
+
+if TYPE_CHECKING:  # typing-only stubs: not imported at run time
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
+    from types_aiobotocore_sns import SNSClient
+
 
 log = structlog.get_logger("sdworker.storage")
 
