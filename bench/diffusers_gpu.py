@@ -6,37 +6,26 @@ The model is the Stable Diffusion 1.5 architecture (U-Net 320/640/1280/1280 with
 built from configs in code and saved in fp16 with `save_pretrained` (about 2 GB), then loaded
 with `from_pretrained` like a real checkpoint: no hub. Jobs are 512x512, 20 steps, one image.
 
-Per run, interleaved:
-
-1. *bare loop*: `StableDiffusionPipeline.from_pretrained(fp16).to("cuda")`, the backend's own
-   warm-up (64x64, one step), then N jobs in sequence, each a pipeline call with a fresh CPU
-   generator and a PNG encode;
-2. *worker*: moto in a process of its own on 127.0.0.1, sdworker in this process with the
-   diffusers backend (`SDWORKER_DIFFUSERS_DEVICE=cuda`, `..._DTYPE=float16`), N jobs sent at
-   once, timed from the first send to the last final notification.
-
-Figures: it/s (steps x jobs ÷ time) and images/s of each, and `ratio` = worker ÷ bare loop.
+Per run, interleaved, the two loops of `diffusers_loops.py` on CUDA in fp16. Figures: it/s
+(steps x jobs ÷ time) and images/s of each, and `ratio` = worker ÷ bare loop.
 
     python bench/diffusers_gpu.py --jobs 20 --runs 5
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import io
 import json
-import os
 import statistics
 import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from common import machine, moto
+from common import machine
+from diffusers_loops import Placement, Runs, bare_loop, command_line, figures, worker_loop
 
 NAME = "diffusers_overhead_gpu"
+GPU = Placement(device="cuda", dtype="float16")
 JOB: dict[str, Any] = {"prompt": "a red fox in snow", "width": 512, "height": 512, "steps": 20}
 UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -116,15 +105,15 @@ def _measure(jobs: int, runs: int) -> dict[str, Any]:
     configure_logging("json", "error")
     with tempfile.TemporaryDirectory(prefix="bench-sd15-") as folder:
         model = make_sd15(Path(folder) / "sd15")
-        bare, worker, generate = [], [], []
+        measured = Runs()
         for _ in range(runs):  # interleaved, so that drift hits both alike
-            bare.append(bare_loop(model, jobs))
+            measured.bare.append(bare_loop(model, jobs, JOB, GPU))
             torch.cuda.empty_cache()
-            seconds, typical = asyncio.run(worker_loop(model, jobs))
-            worker.append(seconds)
-            generate.append(typical or 0.0)
+            seconds, typical = asyncio.run(worker_loop(model, jobs, JOB, GPU))
+            measured.worker.append(seconds)
+            measured.generate.append(typical or 0.0)
             torch.cuda.empty_cache()
-    return _report(jobs, runs, bare, worker, generate)
+    return _report(jobs, measured)
 
 
 def make_sd15(path: Path) -> Path:
@@ -169,114 +158,28 @@ def make_sd15(path: Path) -> Path:
     return path
 
 
-def bare_loop(model: Path, jobs: int) -> float:
-    """Seconds for `jobs` jobs in a plain loop: one pipeline call and one PNG each."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model, dtype=torch.float16, local_files_only=True
-    ).to("cuda")
-    pipeline.set_progress_bar_config(disable=True)
-    _bare_job(pipeline, torch, 0, width=64, height=64, steps=1)  # as the backend warms up
-    started = time.perf_counter()
-    for n in range(jobs):
-        _bare_job(pipeline, torch, n, width=JOB["width"], height=JOB["height"], steps=JOB["steps"])
-    elapsed = time.perf_counter() - started
-    del pipeline
-    return elapsed
-
-
-def _bare_job(
-    pipeline: Any, torch: Any, seed: int, *, width: int, height: int, steps: int
-) -> bytes:
-    image = pipeline(
-        JOB["prompt"],
-        num_inference_steps=steps,
-        width=width,
-        height=height,
-        generator=[torch.Generator("cpu").manual_seed(seed)],
-    ).images[0]
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-async def worker_loop(
-    model: Path, jobs: int, progress_interval: float = 0.0
-) -> tuple[float, float | None]:
-    """Seconds for `jobs` jobs through the whole worker, first send to last final result, and
-    the worker's median generation time (its own record of the last 20 jobs).
-    `progress_interval`: seconds between progress notifications (0, the default: none)."""
-    from sdworker.client import Follower, new_job, send_jobs
-    from sdworker.local import create_resources
-    from sdworker.local_mode import local_settings, start_worker
-
-    os.environ.update(
-        SDWORKER_DIFFUSERS_MODEL=str(model),
-        SDWORKER_DIFFUSERS_DEVICE="cuda",
-        SDWORKER_DIFFUSERS_DTYPE="float16",
-    )
-    tag = f"gpu-{uuid.uuid4().hex[:8]}"  # the moto process serves every run: fresh names
-    async with moto() as (endpoint, clients):
-        resources = await create_resources(clients, endpoint, name=tag)
-        settings = local_settings(
-            resources,
-            backend="diffusers",
-            log_format="json",
-            log_level="error",
-            progress_interval=progress_interval,
-        )
-        worker, serving = await start_worker(settings)
-        try:
-            batch = [new_job(job_id=f"{tag}-{n}", params={**JOB, "seed": n}) for n in range(jobs)]
-            started = time.perf_counter()
-            ids = await send_jobs(clients, batch, queue_url=resources.queue_url)
-            follower = Follower(clients, resources.bucket, "results", resources.results_queue_url)
-            await follower.wait(ids, timeout_s=600)
-            return time.perf_counter() - started, worker.history.typical()
-        finally:
-            worker.stop()
-            await serving
-
-
-def _report(
-    jobs: int, runs: int, bare: list[float], worker: list[float], generate: list[float]
-) -> dict[str, Any]:
+def _report(jobs: int, runs: Runs) -> dict[str, Any]:
     import diffusers
     import torch
 
-    ratios = [b / w for b, w in zip(bare, worker, strict=True)]
+    result = figures(NAME, jobs, runs, JOB)
     steps = JOB["steps"]
     return {
-        "name": NAME,
-        "jobs_per_s": round(jobs / statistics.median(worker), 3),
-        "ceiling_jobs_per_s": round(jobs / statistics.median(bare), 3),
-        "ratio": round(statistics.median(ratios), 3),
-        "runs": runs,
-        "spread": round(max(ratios) - min(ratios), 3),
+        **result,
         "it_per_s": {
-            "worker": round(jobs * steps / statistics.median(worker), 2),
-            "bare": round(jobs * steps / statistics.median(bare), 2),
+            "worker": round(jobs * steps / statistics.median(runs.worker), 2),
+            "bare": round(jobs * steps / statistics.median(runs.bare), 2),
         },
         "images_per_s": {
-            "worker": round(jobs / statistics.median(worker), 3),
-            "bare": round(jobs / statistics.median(bare), 3),
+            "worker": result["jobs_per_s"],
+            "bare": result["ceiling_jobs_per_s"],
         },
-        "per_run_s": {"worker": [round(s, 2) for s in worker], "bare": [round(s, 2) for s in bare]},
-        "job_ms": {
-            "bare": round(1000 * statistics.median(bare) / jobs, 1),
-            "worker": round(1000 * statistics.median(worker) / jobs, 1),
-            "worker_generate": round(1000 * statistics.median(generate), 1),
+        "per_run_s": {
+            "worker": [round(s, 2) for s in runs.worker],
+            "bare": [round(s, 2) for s in runs.bare],
         },
-        "gpu_busy_fraction": round(
-            jobs * statistics.median(generate) / statistics.median(worker), 3
-        ),
-        "jobs": jobs,
-        "job": JOB,
-        "dtype": "float16",
+        "dtype": GPU.dtype,
         "model": "SD 1.5 architecture, random weights (fp16, save_pretrained/from_pretrained)",
-        "queue_depth": jobs,
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "machine": machine(),
@@ -285,12 +188,7 @@ def _report(
 
 def main() -> None:
     """Run with the flags and print one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=None, help="20 (quick: 4)")
-    parser.add_argument("--runs", type=int, default=None, help="5 (quick: 1)")
-    parser.add_argument("--quick", action="store_true")
-    arguments = parser.parse_args()
-    print(json.dumps(measure(arguments.quick, arguments.jobs, arguments.runs)), flush=True)
+    command_line(measure, __doc__.split("\n\n")[0], "20 x 5 runs; quick: 4 x 1")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main() -> int:
     arguments = parser.parse_args()
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    backend = FakeBackend(latency=arguments.latency, steps=1)
+    backend = FakeBackend(latency=arguments.latency, steps=1, keep_runs=10)
     if not arguments.profile:
         return asyncio.run(run_worker(settings, backend=backend))
     profiler = cProfile.Profile(time.thread_time)  # this thread's CPU: idle waits cost nothing

@@ -58,14 +58,22 @@ class LocalAws:
         self._server.start()
         host, bound_port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{bound_port}"
+        self._replaced: dict[str, str | None] = {}
 
     def use(self) -> None:
-        """Point this process's AWS clients at the emulator."""
-        os.environ.update({**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint})
+        """Point this process's AWS clients at the emulator, until `stop()`."""
+        wanted = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
+        self._replaced = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)
 
     def stop(self) -> None:
-        """Stop the server; its state is gone."""
+        """Stop the server (its state is gone) and give back the variables `use()` replaced."""
         self._server.stop()
+        for name, value in self._replaced.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def create_resources(

@@ -39,6 +39,9 @@ class WorkerMetrics:
             "sdworker.jobs", "{job}", "Attempts ended, by outcome, backend and task."
         )
         self._stage = _histogram(meter, "sdworker.stage.duration", "Time spent in each stage.")
+        self._phase = _histogram(
+            meter, "sdworker.backend.phase.duration", "Time in each phase of a backend's work."
+        )
         self._total = _histogram(
             meter, "sdworker.job.duration", "End to end: from the message's sending to its outcome."
         )
@@ -67,6 +70,10 @@ class WorkerMetrics:
     def stage_ended(self, stage: str, seconds: float) -> None:
         """One stage of a job (inputs, generate, upload, notify, delete) took `seconds`."""
         self._stage.record(seconds, {**self.backend, "sdworker.stage": stage})
+
+    def phase_ended(self, phase: str, seconds: float) -> None:
+        """One phase of a backend's work (e.g. `load model`, `denoise`) took `seconds`."""
+        self._phase.record(seconds, {**self.backend, "sdworker.phase": phase})
 
     def job_ended(
         self, outcome: str, *, task: str, processing_s: float, total_s: float | None

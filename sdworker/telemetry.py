@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context  # see `untraced`
 from opentelemetry.propagators.aws.aws_xray_propagator import TRACE_HEADER_KEY, AwsXRayPropagator
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sdworker import __version__
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from sdworker.settings import Settings
 
 Environ = Mapping[str, str]
+Attribute = str | bool | int | float
 _W3C = TraceContextTextMapPropagator()
 _XRAY = AwsXRayPropagator()
 
@@ -253,6 +255,32 @@ def mark_error(span: Span, error: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, str(error)))
 
 
+# phases inside a backend ---------------------------------------------------------------------
+
+_JOB_TRACES: ContextVar[JobTraces | None] = ContextVar("sdworker_job_traces", default=None)
+
+
+@contextmanager
+def backend_phase(name: str, **attributes: Attribute) -> Iterator[Span]:
+    """A named span for one phase of a backend's work, beneath the job's `generate` span, and
+    its time in the `sdworker.backend.phase.duration` histogram. For plugins:
+
+        with backend_phase("load model", model=name):
+            pipeline = load(name)
+
+    An exception leaving the block is recorded on the span and goes on. Outside a job (at
+    start-up, in a test calling the backend directly) it does nothing. Work moved to a thread
+    keeps the job's context only when the context goes with it: `asyncio.to_thread` copies it,
+    `loop.run_in_executor` needs `contextvars.copy_context().run`.
+    """
+    traces = _JOB_TRACES.get()
+    if traces is None:
+        yield INVALID_SPAN
+        return
+    with traces.phase(name, attributes) as span:
+        yield span
+
+
 # the spans of a job ---------------------------------------------------------------------------
 
 
@@ -347,14 +375,35 @@ class JobTraces:
 
     @contextmanager
     def stage(self, name: str, delivery: Delivery) -> Iterator[Span]:
-        """A child span of the job for one stage, timed in `sdworker.stage.duration`."""
+        """A child span of the job for one stage, timed in `sdworker.stage.duration`; inside
+        it, `backend_phase` opens spans beneath it."""
         parent = delivery.trace.context if delivery.trace else None
         started = time.monotonic()
+        token = _JOB_TRACES.set(self)
         try:
             with self.tracer.start_as_current_span(name, context=parent) as span:
                 yield span
         finally:
+            _JOB_TRACES.reset(token)
             self.metrics.stage_ended(name, time.monotonic() - started)
+
+    @contextmanager
+    def phase(self, name: str, attributes: Mapping[str, Attribute]) -> Iterator[Span]:
+        """A span for one phase of the backend's work, timed in its histogram."""
+        started = time.monotonic()
+        with self.tracer.start_as_current_span(
+            name,
+            attributes={"sdworker.phase": name, **attributes},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except BaseException as error:
+                mark_error(span, error)
+                raise
+            finally:
+                self.metrics.phase_ended(name, time.monotonic() - started)
 
     def failed(self, delivery: Delivery, error: BaseException) -> None:
         """Record a failed attempt on the job's span."""

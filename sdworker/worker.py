@@ -90,7 +90,8 @@ class Worker:
         self.limit = self.capacity + settings.prefetch
         self._ready: asyncio.Queue[Work | None] = asyncio.Queue()
         self._room = asyncio.Condition()
-        self._holding = 0
+        self._holding = 0  # messages received and not yet generated (or given up)
+        self._outcomes_unrecorded = 0  # generated or failed, not yet recorded and deleted
         self._unstarted: dict[str, Delivery] = {}
         self._running: dict[str, Work] = {}
         self._preparing: set[asyncio.Task[None]] = set()
@@ -186,7 +187,7 @@ class Worker:
         while True:
             await self._wait_for_backend()
             async with self._room:
-                await self._room.wait_for(lambda: self._holding < self.limit)
+                await self._room.wait_for(self._has_room)
                 wanted = self.limit - self._holding
             started = time.time_ns()
             try:
@@ -201,6 +202,11 @@ class Worker:
             poll = Poll(started, time.time_ns(), len(deliveries))
             for delivery in deliveries:
                 self._accept(delivery, poll)
+
+    def _has_room(self) -> bool:
+        """Room for another message: fewer than `limit` waiting to be generated, and fewer than
+        `limit` outcomes still being recorded (S3 or SNS slow must not pile up held messages)."""
+        return self._holding < self.limit and self._outcomes_unrecorded < self.limit
 
     def _backend_usable(self) -> bool:
         return self.backend.ready and not self._backend_hung
@@ -239,7 +245,7 @@ class Worker:
                 await self.recorder.hand_back([delivery], delay_s=delay, reason="foreign")
             except JobError as error:
                 await self._give_up_slot(work)
-                self._spawn(self.recorder.record(work, Failed(error)), self._recording)
+                self._record(work, Failed(error))
             except Exception as error:  # AWS trouble, or a bug: the message goes back, not lost
                 log.warning("could not prepare the job; handing it back", error=repr(error))
                 self.traces.failed(delivery, error)
@@ -299,7 +305,7 @@ class Worker:
                 self.traces.active(work.delivery),
             ):
                 outcome = await self._execute(work)
-                self._spawn(self.recorder.record(work, outcome), self._recording)
+                self._record(work, outcome)
 
     async def _execute(self, work: Work) -> Outcome:
         assert work.job is not None and work.request is not None
@@ -391,34 +397,53 @@ class Worker:
         self._backend_hung = False
 
     def _progress_callback(self, work: Work) -> ProgressCallback:
+        """A callback for any thread. The reading is stored where it is made (an attribute
+        assignment); the event loop is woken only when a progress notification is due, so a
+        backend thread reporting every step does not take the interpreter from itself."""
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
+        interval = self.settings.progress_interval
 
         def report(progress: Progress) -> None:
+            if work.generation_done:
+                return  # a late report must not announce progress after the outcome
+            work.progress = progress
+            now = time.monotonic()
+            if not interval or now - work.progress_sent_at < interval:
+                return
+            work.progress_sent_at = now
             if threading.get_ident() == loop_thread:
-                self._on_progress(work, progress)
+                self._announce_progress(work, progress)
             else:
-                loop.call_soon_threadsafe(self._on_progress, work, progress)
+                loop.call_soon_threadsafe(self._announce_progress, work, progress)
 
         return report
 
-    def _on_progress(self, work: Work, progress: Progress) -> None:
+    def _announce_progress(self, work: Work, progress: Progress) -> None:
         if work.generation_done:
-            return  # a late report must not announce progress after the outcome
-        work.progress = progress
-        interval = self.settings.progress_interval
-        now = time.monotonic()
-        if interval and now - work.progress_sent_at >= interval:
-            work.progress_sent_at = now
-            announce = functools.partial(_with_progress, reading=progress)
-            with self.traces.active(work.delivery):  # a thread's report comes without context
-                self._spawn(self.recorder.announce(work, announce), self._recording)
+            return
+        announce = functools.partial(_with_progress, reading=progress)
+        with self.traces.active(work.delivery):  # a thread's report comes without context
+            self._spawn(self.recorder.announce(work, announce), self._recording)
 
     async def _give_up_slot(self, work: Work) -> None:
         self._unstarted.pop(work.delivery.message_id, None)
         async with self._room:
             self._holding -= 1
             self._room.notify_all()
+
+    def _record(self, work: Work, outcome: Outcome) -> None:
+        """Record the outcome in the background, counted against intake until it is done."""
+        self._outcomes_unrecorded += 1
+        self._spawn(self._recorded(work, outcome), self._recording)
+
+    async def _recorded(self, work: Work, outcome: Outcome) -> None:
+        try:
+            await self.recorder.record(work, outcome)
+        finally:
+            self._outcomes_unrecorded -= 1
+            async with self._room:
+                self._room.notify_all()
 
     def _spawn(self, coroutine: Awaitable[None], group: set[asyncio.Task[None]]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)

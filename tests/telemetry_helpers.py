@@ -8,7 +8,8 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from sdworker.local import LocalResources
 from sdworker.local_mode import local_settings
 from sdworker.telemetry import Telemetry
 from sdworker.worker import Worker
+from tests.aws_helpers import eventually
 
 Started = tuple[Worker, "asyncio.Task[int]"]
 
@@ -67,6 +69,35 @@ def capture() -> Captured:
     )
     telemetry = Telemetry(tracer_provider, meter_provider, registry, tracing=True, metering=True)
     return Captured(telemetry, exporter, reader, registry)
+
+
+@asynccontextmanager
+async def traced_worker(resources: LocalResources, backend: Backend) -> AsyncIterator[Captured]:
+    """A worker on `backend` whose spans stay in memory; stopped when the block ends."""
+    captured = capture()
+    started = await start_with(resources, backend, captured.telemetry)
+    try:
+        yield captured
+    finally:
+        await stop_all([started])
+
+
+async def generate_phases(
+    captured: Captured, job_id: str, within_s: float = 15
+) -> list[ReadableSpan]:
+    """Once `job_id`'s trace has ended: the spans directly beneath its `generate` (the
+    backend's phases), in the order they started."""
+
+    async def ended() -> bool:
+        return any(
+            s.name.startswith("process ") and (s.attributes or {}).get("sdworker.job.id") == job_id
+            for s in captured.spans()
+        )
+
+    await eventually(ended, within_s=within_s)
+    spans = captured.job_spans(job_id)
+    generate = span_context(named(spans, "generate"))
+    return sorted((s for s in spans if s.parent == generate), key=lambda s: s.start_time or 0)
 
 
 def span_context(span: ReadableSpan) -> Any:

@@ -11,10 +11,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdworker.aws import AwsClients
+from sdworker.backend import BackendResult, JobRequest, ProgressCallback
 from sdworker.errors import BackendUnavailable, PermanentError
 from sdworker.local import LocalResources
 from sdworker.settings import Settings
-from sdworker.telemetry import Telemetry
+from sdworker.telemetry import Telemetry, backend_phase
 from sdworker.testing import FakeBackend
 from sdworker.worker import Worker
 from tests.aws_helpers import eventually, finals, send
@@ -110,6 +111,31 @@ async def test_each_stage_of_a_job_is_timed(
         for stage in ("inputs", "generate", "upload", "notify", "delete")
     }
     assert counts == dict.fromkeys(counts, 1.0)
+
+
+class _LoadingBackend(FakeBackend):
+    """A fake backend that names two phases of its work."""
+
+    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
+        with backend_phase("load model"):
+            await asyncio.sleep(0.05)
+        with backend_phase("denoise"):
+            return await super().run(request, progress)
+
+
+async def test_each_backend_phase_is_timed(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """Two jobs: two samples per phase in the phase histogram, labelled with backend and phase."""
+    _, port = await start(_LoadingBackend())
+    for n in range(2):
+        await send(clients, resources, job(f"phases-{n}"))
+    samples = await scraped_when(port, jobs_ended(2))
+    name = "sdworker_backend_phase_duration_seconds"
+    for phase in ("load model", "denoise"):
+        labels = {"sdworker_backend": "fake", "sdworker_phase": phase}
+        assert value(samples, f"{name}_count", **labels) == 2
+    assert value(samples, f"{name}_sum", sdworker_phase="load model") >= 0.1
 
 
 async def test_queue_wait_processing_and_end_to_end_durations_are_recorded(

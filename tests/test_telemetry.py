@@ -3,6 +3,7 @@ notification; the OTEL_* set-up; trace ids on log lines. Real worker, moto on lo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,7 +28,7 @@ from sdworker.local_mode import local_settings
 from sdworker.logs import configure_logging
 from sdworker.settings import Settings
 from sdworker.submit import SubmitOptions, submit_jobs
-from sdworker.telemetry import Telemetry, instrument, tracer_provider
+from sdworker.telemetry import Telemetry, backend_phase, instrument, tracer_provider
 from sdworker.testing import FakeBackend
 from sdworker.worker import Worker
 from tests.aws_helpers import drain_messages, eventually, finals, send
@@ -413,6 +414,69 @@ async def test_backend_http_calls_are_traced_beneath_generate(
     assert [header.rsplit("-", 1)[0] for header in seen] == [
         f"00-{context.trace_id:032x}-{context.span_id:016x}"
     ]
+
+
+# phases inside a backend -------------------------------------------------------------------------
+
+
+class _PhasedBackend(FakeBackend):
+    """A fake backend that names its phases as real ones do; `broken` fails in `denoise`."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        super().__init__()
+        self.broken = broken
+
+    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
+        with backend_phase("load model", model="tiny"):
+            await asyncio.sleep(0)
+        await asyncio.to_thread(self._denoise)
+        return await super().run(request, progress)
+
+    def _denoise(self) -> None:
+        with backend_phase("denoise", steps=3):  # in a thread: the job's context came along
+            for step in range(3):
+                with backend_phase("step", step=step):
+                    pass
+            if self.broken:
+                raise BackendUnavailable("out of GPU memory")
+
+
+async def test_backend_phases_are_spans_beneath_generate(
+    start: StartWorker, captured: Captured, clients: AwsClients, resources: LocalResources
+) -> None:
+    """Each `backend_phase` is a child of `generate` (nested ones of theirs), with attributes."""
+    await start(_PhasedBackend(), captured.telemetry)
+    await send(clients, resources, job("phased"))
+    await ended(captured, "phased")
+    spans = captured.job_spans("phased")
+    generate, denoise = named(spans, "generate"), named(spans, "denoise")
+    assert [s.name for s in children(spans, generate)] == ["load model", "denoise"]
+    assert [s.name for s in children(spans, denoise)] == ["step"] * 3
+    assert dict(named(spans, "load model").attributes or {}) == {
+        "sdworker.phase": "load model",
+        "model": "tiny",
+    }
+    assert denoise.status.status_code == StatusCode.UNSET
+
+
+async def test_a_phase_that_fails_records_the_error_on_its_span(
+    start: StartWorker, captured: Captured, clients: AwsClients, resources: LocalResources
+) -> None:
+    """The failing phase carries the exception and error.type; the job goes on to retry."""
+    await start(_PhasedBackend(broken=True), captured.telemetry, max_attempts=1)
+    await send(clients, resources, job("phase-failed"))
+    await ended(captured, "phase-failed")
+    denoise = named(captured.job_spans("phase-failed"), "denoise")
+    assert denoise.status.status_code == StatusCode.ERROR
+    assert (denoise.attributes or {})["error.type"] == "backend_unavailable"
+    assert [event.name for event in denoise.events] == ["exception"]
+
+
+def test_a_phase_outside_a_job_does_nothing(captured: Captured) -> None:
+    """At start-up or in a direct call there is no job: no span, no error."""
+    with backend_phase("load model") as span:
+        assert not span.is_recording()
+    assert captured.spans() == []
 
 
 # logs ------------------------------------------------------------------------------------------

@@ -57,6 +57,14 @@ async def test_every_run_is_recorded() -> None:
     assert [request.id for request in backend.runs] == ["a", "b"]
 
 
+async def test_keep_runs_bounds_what_a_long_running_fake_remembers() -> None:
+    """Only the last `keep_runs` requests stay: a fake serving thousands of jobs stays small."""
+    backend = FakeBackend(keep_runs=2)
+    for job_id in "abcde":
+        await backend.run(_request(job_id), _drop)
+    assert [request.id for request in backend.runs] == ["d", "e"]
+
+
 async def test_latency_is_spent_across_the_steps() -> None:
     """A run with 100 ms latency takes about that long and reports each step."""
     backend = FakeBackend(latency=0.1, steps=4)

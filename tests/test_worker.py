@@ -9,8 +9,10 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pluggy
 import pytest
+from aiohttp import web
 
 from sdworker import hookimpl
 from sdworker.aws import AwsClients
@@ -286,6 +288,63 @@ async def _running_with_in_flight(
 
 async def _in_flight_is(clients: AwsClients, resources: LocalResources, count: int) -> bool:
     return (await queue_counts(clients, resources.queue_url))[1] == count
+
+
+@pytest.fixture
+async def slow_s3(
+    resources: LocalResources, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[None]:
+    """S3 reached through a loopback proxy that holds every upload 0.4 s (a throttled bucket);
+    SQS and SNS go straight to moto."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "PUT":
+            await asyncio.sleep(0.4)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with http.request(
+            request.method, resources.endpoint + request.path_qs, headers=headers, data=body
+        ) as answer:
+            content = await answer.read()
+            passed = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+            return web.Response(status=answer.status, body=content, headers=passed)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        yield
+    await runner.cleanup()
+
+
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+
+
+@pytest.mark.usefixtures("slow_s3")
+async def test_held_messages_stay_bounded_while_outcomes_are_slow_to_record(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """Instant jobs and slow uploads: intake waits for recordings, so the messages held stay
+    within twice capacity + prefetch instead of growing with the backlog."""
+    for n in range(14):
+        await send(clients, resources, job(f"slow-s3-{n}"))
+    worker = await start(FakeBackend(), prefetch=1, concurrency=1)
+    held: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            held.append(len(worker.heartbeat.held))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    bodies = await finals(clients, resources, 14)
+    sampler.cancel()
+    assert [b["status"] for b in bodies] == ["succeeded"] * 14
+    assert 2 < max(held) <= 2 * worker.limit
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ class FakeBackend:
 
     Example: `FakeBackend(latency=0.5, failures=[BackendUnavailable("boom")])` fails its first
     run, then succeeds; `worker_backend = FakeBackend().spec()` registers it with the worker.
-    `hang=True` makes runs ignore interrupts, like a node stuck in a loop.
+    `hang=True` makes runs ignore interrupts, like a node stuck in a loop. `runs` keeps every
+    request; `keep_runs=N` keeps only the last N (a long-running fake, e.g. in a benchmark).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class FakeBackend:
         size: tuple[int, int] = (8, 8),
         failures: Sequence[Exception] = (),
         hang: bool = False,
+        keep_runs: int | None = None,
     ) -> None:
         self.name = name
         self.tasks = frozenset(tasks)
@@ -53,6 +55,7 @@ class FakeBackend:
         self.hang = hang
         self.available = True
         self.runs: list[JobRequest] = []
+        self.keep_runs = keep_runs
         self.interrupted: list[str] = []
         self.started = self.closed = False
         self._running: dict[str, set[asyncio.Event]] = {}  # a job id may run twice at once
@@ -78,6 +81,8 @@ class FakeBackend:
                 f"it runs {', '.join(sorted(self.tasks))}"
             )
         self.runs.append(request)
+        if self.keep_runs is not None and len(self.runs) > self.keep_runs:
+            del self.runs[: len(self.runs) - self.keep_runs]
         if self.failures:
             raise self.failures.pop(0)
         stop = asyncio.Event()

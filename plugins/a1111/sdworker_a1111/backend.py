@@ -17,6 +17,7 @@ import structlog
 
 from sdworker.backend import BackendResult, JobRequest
 from sdworker.errors import BackendUnavailable, JobError, JobInterrupted, UnsupportedJob
+from sdworker.telemetry import backend_phase
 from sdworker_a1111.bodies import Call, build_call
 from sdworker_a1111.checkpoints import Checkpoint, Checkpoints
 from sdworker_a1111.client import WebUIClient
@@ -70,11 +71,13 @@ class A1111Backend:
             async with self._lock:
                 checkpoint = await self._checkpoints.for_job(request)
                 call = await self._call(request, checkpoint)
-                payload = await self._generate(generation, call, progress)
+                with backend_phase("render", endpoint=call.endpoint):
+                    payload = await self._generate(generation, call, progress)
         finally:
             if self._running.get(request.id) is generation:
                 del self._running[request.id]
-        result = parse_result(payload, call.name)
+        with backend_phase("decode outputs"):
+            result = parse_result(payload, call.name)
         self._checkpoints.verify(checkpoint, result.info)
         return result
 
@@ -105,7 +108,8 @@ class A1111Backend:
     async def _call(self, request: JobRequest, checkpoint: Checkpoint | None) -> Call:
         """The Web UI request for `request`, the model switched or set per request."""
         if checkpoint is not None and self.settings.model_switch == "options":
-            await self._checkpoints.switch(checkpoint)
+            with backend_phase("switch model", model=checkpoint.title):
+                await self._checkpoints.switch(checkpoint)
             return build_call(request)
         return build_call(request, checkpoint.title if checkpoint else None)
 

@@ -32,6 +32,7 @@ from sdworker.errors import (
     PermanentError,
     UnsupportedJob,
 )
+from sdworker.telemetry import backend_phase
 from sdworker_comfyui.client import ComfyClient
 from sdworker_comfyui.events import EventStream
 from sdworker_comfyui.graph import Target
@@ -100,8 +101,10 @@ class ComfyUIBackend:
         """Queue the job's graph and return its outputs, or raise why it failed."""
         self._check(request)
         plan = plan_for(request, self.templates, self.options.checkpoint)
-        filled = await self._upload_inputs(request, plan)
-        await self.object_info.check(plan.graph, skip=filled)
+        with backend_phase("upload inputs", files=len(plan.images)):
+            filled = await self._upload_inputs(request, plan)
+        with backend_phase("check nodes", nodes=len(plan.graph)):
+            await self.object_info.check(plan.graph, skip=filled)
         run = self._track(request, progress)
         try:
             outputs = await self._execute(run, plan)
@@ -200,16 +203,19 @@ class ComfyUIBackend:
 
     async def _execute(self, run: PromptRun, plan: Plan) -> list[Output]:
         """Queue the graph, wait for its ending, download what it saved."""
-        given = await self.client.submit(
-            plan.graph, client_id=self.client_id, prompt_id=run.prompt_id
-        )
+        with backend_phase("queue prompt", prompt_id=run.prompt_id):
+            given = await self.client.submit(
+                plan.graph, client_id=self.client_id, prompt_id=run.prompt_id
+            )
         if given != run.prompt_id:
             self._rename(run, given)
-        ending = await self._wait_for_end(run)
-        if ending is not None:
-            raise ending
-        entry = await self._settled_history(run)
-        return await self._download(entry, plan.seed)
+        with backend_phase("execute", prompt_id=given):
+            ending = await self._wait_for_end(run)
+            if ending is not None:
+                raise ending
+            entry = await self._settled_history(run)
+        with backend_phase("download outputs"):
+            return await self._download(entry, plan.seed)
 
     async def _wait_for_end(self, run: PromptRun) -> Ending:
         """The prompt's ending, from its events, or from the server when events may be missed."""

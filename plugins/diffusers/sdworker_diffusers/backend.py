@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import threading
 from collections.abc import Callable
@@ -94,8 +95,10 @@ class DiffusersBackend:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Run in the backend's thread, in the caller's context (the job's trace goes along)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+        call = functools.partial(contextvars.copy_context().run, function, *args)
+        return await loop.run_in_executor(self._executor, call)
 
 
 def _guarded_run(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sdworker.backend import InputFile, JobRequest, Output, Progress, ProgressCallback
 from sdworker.errors import InvalidJob, JobInterrupted
+from sdworker.telemetry import backend_phase
 from sdworker_diffusers.models import ModelStore
 from sdworker_diffusers.samplers import scheduler_for
 from sdworker_diffusers.settings import DiffusersSettings
@@ -137,7 +138,8 @@ def run_plan(
     images = run(store, plan, progress, stop)
     if stop.is_set():
         raise JobInterrupted("interrupted at a step boundary")
-    return [_png(image, seed) for image, seed in zip(images, plan.seeds, strict=True)]
+    with backend_phase("encode outputs", images=len(images)):
+        return [_png(image, seed) for image, seed in zip(images, plan.seeds, strict=True)]
 
 
 def _diffuse(
@@ -145,7 +147,10 @@ def _diffuse(
 ) -> list[Image.Image]:
     model = store.get(plan.model)
     pipeline = model.for_task(plan.task, scheduler_for(plan.sampler, model.base.scheduler.config))
-    with _loras_applied(pipeline, plan.loras, store.settings.lora_dir):
+    with (
+        _loras_applied(pipeline, plan.loras, store.settings.lora_dir),
+        backend_phase("denoise", steps=plan.steps, images=len(plan.seeds)),
+    ):
         result = pipeline(**pipeline_arguments(plan), callback_on_step_end=_on_step(progress, stop))
     return list(result.images)
 
@@ -165,10 +170,12 @@ def _upscale(
     arguments = pipeline_arguments(plan)
     for unused in ("width", "height", "strength"):
         arguments.pop(unused, None)
+    upscaler = store.upscaler()
     try:
-        result = store.upscaler()(
-            **arguments, noise_level=plan.noise_level, callback=on_step, callback_steps=1
-        )
+        with backend_phase("denoise", steps=plan.steps, images=len(plan.seeds)):
+            result = upscaler(
+                **arguments, noise_level=plan.noise_level, callback=on_step, callback_steps=1
+            )
     except _Stopped:
         return []
     return list(result.images)
@@ -219,7 +226,8 @@ def _loras_applied(
     if not loras:
         yield
         return
-    names = [_load_lora(pipeline, name, folder) for name, _ in loras]
+    with backend_phase("load lora", loras=len(loras)):
+        names = [_load_lora(pipeline, name, folder) for name, _ in loras]
     pipeline.set_adapters(names, adapter_weights=[weight for _, weight in loras])
     try:
         yield

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdworker.errors import ConfigError, InvalidJob
+from sdworker.telemetry import backend_phase
 from sdworker_diffusers.settings import TINY, DiffusersSettings
 from sdworker_diffusers.tiny import is_model_dir, make_tiny_model, make_tiny_upscaler
 
@@ -80,7 +81,8 @@ class ModelStore:
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
-        model = self._load(key, self.paths[key])
+        with backend_phase("load model", model=key):
+            model = self._load(key, self.paths[key])
         self._loaded[key] = model
         while len(self._loaded) > self.settings.cache_size:
             self._evict(next(iter(self._loaded)))
