@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import NoRegionError
 
+from sdworker import __version__
 from sdworker.errors import ConfigError
 
 if TYPE_CHECKING:  # typing-only stubs: not imported at run time
@@ -19,18 +21,38 @@ if TYPE_CHECKING:  # typing-only stubs: not imported at run time
     from types_aiobotocore_sqs import SQSClient
 
 
+def _user_agent() -> str:
+    """`sdworker/1.2.3 aiobotocore/… botocore/… Python/…`: what CloudTrail shows for sdworker's
+    calls. Fixed once: botocore otherwise rebuilds its own User-Agent twice per request, about
+    a tenth of a call's CPU (docs/performance.md)."""
+    import aiobotocore
+    import botocore
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"sdworker/{__version__} aiobotocore/{aiobotocore.__version__} "
+        f"botocore/{botocore.__version__} Python/{python}"
+    )
+
+
+USER_AGENT = _user_agent()
+
 # Standard retry mode backs off on throttling and 5xx; the read timeout outlasts a 20 s long poll.
 CLIENT_CONFIG = AioConfig(
     retries={"mode": "standard", "max_attempts": 5},
     connect_timeout=5,
     read_timeout=30,
     max_pool_connections=32,
+    user_agent=USER_AGENT,
 )
 
 
 # For probes (`sdworker check`): one quick try, so that an unreachable endpoint fails in seconds.
 PROBE_CONFIG = AioConfig(
-    retries={"mode": "standard", "max_attempts": 1}, connect_timeout=3, read_timeout=10
+    retries={"mode": "standard", "max_attempts": 1},
+    connect_timeout=3,
+    read_timeout=10,
+    user_agent=USER_AGENT,
 )
 
 

@@ -11,7 +11,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from sdworker import cli_output
 from sdworker.errors import ConfigError
 from sdworker.logs import configure_logging
 from sdworker.settings import Settings, load_settings
@@ -141,6 +140,7 @@ def demo(
     """The main job end to end on this machine, no AWS account or GPU needed: local AWS, a
     worker, txt2img, a batch, an invalid job and an img2img from the first output, with live
     progress, outputs saved to a folder, a summary table and the notifications received."""
+    from sdworker import cli_output  # rich: only for the commands that print with it
     from sdworker.demo import run_demo
 
     if model:
@@ -237,6 +237,7 @@ def _jobs(
 @app.command()
 def plugins() -> None:
     """List installed backends (with their tasks) and plugins (with versions and hooks)."""
+    from sdworker import cli_output
     from sdworker.plugins import backend_specs, loaded_plugins
 
     specs = _guarded(backend_specs)
@@ -258,6 +259,7 @@ def check(
     sets: Sets = None,
 ) -> None:
     """Pre-flight: settings valid, queue/DLQ/bucket/topic reachable, backend ready. Exit 0 or 1."""
+    from sdworker import cli_output
     from sdworker.check import run_checks
 
     settings = _guarded(lambda: _settings(config, sets))

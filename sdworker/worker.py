@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sdworker.worker")
 
 _DRAIN_GRACE_S = 5.0
+RECORDINGS_PER_SLOT = 4  # outcomes being recorded at once, per message of `capacity + prefetch`
 
 
 class LeaveForOthers(Exception):
@@ -88,6 +89,9 @@ class Worker:
         )
         self.capacity = settings.concurrency or backend.capacity
         self.limit = self.capacity + settings.prefetch
+        # Recording (uploads, result.json, publish, delete: five round trips) may take longer
+        # than a short generation, so several are normal; this many means S3 or SNS is slow.
+        self.recording_limit = RECORDINGS_PER_SLOT * self.limit
         self._ready: asyncio.Queue[Work | None] = asyncio.Queue()
         self._room = asyncio.Condition()
         self._holding = 0  # messages received and not yet generated (or given up)
@@ -205,8 +209,10 @@ class Worker:
 
     def _has_room(self) -> bool:
         """Room for another message: fewer than `limit` waiting to be generated, and fewer than
-        `limit` outcomes still being recorded (S3 or SNS slow must not pile up held messages)."""
-        return self._holding < self.limit and self._outcomes_unrecorded < self.limit
+        `recording_limit` outcomes still being recorded (S3 or SNS slow must not pile up held
+        messages and their heartbeats)."""
+        waiting = self._holding < self.limit
+        return waiting and self._outcomes_unrecorded < self.recording_limit
 
     def _backend_usable(self) -> bool:
         return self.backend.ready and not self._backend_hung

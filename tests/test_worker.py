@@ -27,6 +27,7 @@ from tests.aws_helpers import (
     drain_messages,
     eventually,
     finals,
+    loopback_server,
     notifications,
     object_keys,
     queue_counts,
@@ -309,16 +310,12 @@ async def slow_s3(
             passed = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
             return web.Response(status=answer.status, body=content, headers=passed)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
-    async with aiohttp.ClientSession(auto_decompress=False) as http:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        loopback_server(forward) as url,
+    ):
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
         yield
-    await runner.cleanup()
 
 
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
@@ -328,11 +325,13 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-en
 async def test_held_messages_stay_bounded_while_outcomes_are_slow_to_record(
     start: StartWorker, clients: AwsClients, resources: LocalResources
 ) -> None:
-    """Instant jobs and slow uploads: intake waits for recordings, so the messages held stay
-    within twice capacity + prefetch instead of growing with the backlog."""
-    for n in range(14):
+    """Instant jobs and slow uploads: intake waits while `recording_limit` outcomes are being
+    recorded, so the messages held stop growing with the backlog."""
+    jobs = 24
+    for n in range(jobs):
         await send(clients, resources, job(f"slow-s3-{n}"))
     worker = await start(FakeBackend(), prefetch=1, concurrency=1)
+    assert worker.recording_limit == 8
     held: list[int] = []
 
     async def sample() -> None:
@@ -341,10 +340,10 @@ async def test_held_messages_stay_bounded_while_outcomes_are_slow_to_record(
             await asyncio.sleep(0.02)
 
     sampler = asyncio.create_task(sample())
-    bodies = await finals(clients, resources, 14)
+    bodies = await finals(clients, resources, jobs)
     sampler.cancel()
-    assert [b["status"] for b in bodies] == ["succeeded"] * 14
-    assert 2 < max(held) <= 2 * worker.limit
+    assert [b["status"] for b in bodies] == ["succeeded"] * jobs
+    assert worker.limit < max(held) <= worker.limit + worker.recording_limit
 
 
 @pytest.mark.parametrize(

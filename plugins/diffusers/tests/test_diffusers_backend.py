@@ -11,11 +11,18 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from sdworker.backend import InputFile, JobRequest, Progress
-from sdworker.errors import ConfigError, InvalidJob, JobInterrupted, UnsupportedJob
+from sdworker.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidJob,
+    JobInterrupted,
+    UnsupportedJob,
+)
 from sdworker.settings import Settings
 from sdworker.testing import BackendContract, tiny_png
 from sdworker_diffusers.backend import DiffusersBackend
 from sdworker_diffusers.samplers import SAMPLERS, sampler_key
+from sdworker_diffusers.single_file import write_single_file
 from sdworker_diffusers.tiny import make_tiny_lora
 
 
@@ -331,3 +338,53 @@ async def test_upscale_is_unsupported_without_an_upscaler(backend: DiffusersBack
     assert "upscale" not in backend.tasks
     with pytest.raises(UnsupportedJob, match="upscale"):
         await backend.run(job, ignore)
+
+
+async def test_out_of_memory_is_retryable_and_the_next_job_runs(
+    backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA out of memory in the U-Net (raised here, as no GPU runs this test): a retryable
+    `BackendUnavailable` saying what to lower; the cache is freed and the next job succeeds."""
+    import torch
+
+    assert backend._store is not None
+    unet = backend._store.get(None).base.unet  # shared by every task's pipeline (from_pipe)
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    working = unet.forward
+    monkeypatch.setattr(unet, "forward", out_of_memory)
+    with pytest.raises(BackendUnavailable, match=r"out of GPU memory.*lower width, height"):
+        await backend.run(request(), ignore)
+    assert emptied == [True]
+    monkeypatch.setattr(unet, "forward", working)
+    assert (await backend.run(request(), ignore)).outputs
+
+
+async def test_a_single_file_checkpoint_gives_the_same_images_as_its_folder(
+    backend: DiffusersBackend, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model written as one original-layout .safetensors file and loaded through
+    `from_single_file` with its folder as config: the same weights, so byte-identical images."""
+    checkpoint = write_single_file(tiny_model, tmp_path / "tiny.safetensors")
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_MODEL", str(checkpoint))
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_MODEL_CONFIG_DIR", str(tiny_model))
+    from_file = DiffusersBackend(Settings())
+    await from_file.start()
+    try:
+        for task, inputs in (("txt2img", {}), ("inpaint", _inpaint_inputs())):
+            job = _with_inputs(request(task, seed=7), **inputs)
+            expected = await backend.run(job, ignore)
+            got = await from_file.run(job, ignore)
+            assert [o.data for o in got.outputs] == [o.data for o in expected.outputs], task
+    finally:
+        await from_file.close()
+
+
+def _inpaint_inputs() -> dict[str, InputFile]:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return {"image": png_input(Image.new("RGB", (64, 64), (40, 90, 200))), "mask": png_input(mask)}
