@@ -13,8 +13,9 @@
 
 The queue, bucket and topic come from the `SDWORKER_*` variables and the endpoint from
 `AWS_ENDPOINT_URL`, as for sdworker; the clients have the configuration of sdworker's
-(`sdworker.aws.CLIENT_CONFIG`: standard retries, 32 pooled connections), but the process does not
-import sdworker, so that it starts in about half the time. It runs until it is killed; it writes
+(`sdworker.aws.CLIENT_CONFIG`: standard retries, 32 pooled connections) except its fixed
+User-Agent (a plain aiobotocore loop builds botocore's own per request), but the process does
+not import sdworker, so that it starts in about half the time. It runs until it is killed; it writes
 `{"event": "worker started"}` to stderr once it is about to poll.
 """
 
@@ -38,7 +39,7 @@ from PIL import Image
 
 WAIT_S = 20  # as the sample agent polls; the benchmarks kill it when done
 SYSTEM_ATTRIBUTES: Any = ["ApproximateReceiveCount", "SentTimestamp", "AWSTraceHeader"]
-CLIENT_CONFIG = AioConfig(  # as sdworker.aws.CLIENT_CONFIG
+CLIENT_CONFIG = AioConfig(  # as sdworker.aws.CLIENT_CONFIG, less its user_agent
     retries={"mode": "standard", "max_attempts": 5},
     connect_timeout=5,
     read_timeout=30,
