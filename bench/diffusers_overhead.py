@@ -7,7 +7,7 @@ generation runs on the accelerator and leaves the host's cores to the worker's A
 shares the machine here) would be charged to the generation instead. The figure is `ratio`, the
 worker's throughput ÷ the bare loop's.
 
-    python bench/diffusers_overhead.py --jobs 24 --runs 5
+    python bench/diffusers_overhead.py --jobs 24 --runs 7
 """
 
 from __future__ import annotations

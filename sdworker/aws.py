@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -22,17 +23,19 @@ if TYPE_CHECKING:  # typing-only stubs: not imported at run time
 
 
 def _user_agent() -> str:
-    """`sdworker/1.2.3 aiobotocore/… botocore/… Python/…`: what CloudTrail shows for sdworker's
-    calls. Fixed once: botocore otherwise rebuilds its own User-Agent twice per request, about
-    a tenth of a call's CPU (docs/performance.md)."""
+    """`sdworker/1.2.3 aiobotocore/… botocore/… Python/…` (and `app/ID` when AWS_SDK_UA_APP_ID
+    is set): what CloudTrail shows for sdworker's calls. Fixed once: botocore otherwise rebuilds
+    its own User-Agent twice per request, about a tenth of a call's CPU (docs/performance.md)."""
     import aiobotocore
     import botocore
 
     python = ".".join(map(str, sys.version_info[:3]))
-    return (
+    agent = (
         f"sdworker/{__version__} aiobotocore/{aiobotocore.__version__} "
         f"botocore/{botocore.__version__} Python/{python}"
     )
+    app_id = os.environ.get("AWS_SDK_UA_APP_ID", "").strip()  # kept, as botocore would
+    return f"{agent} app/{app_id}" if app_id else agent
 
 
 USER_AGENT = _user_agent()

@@ -63,17 +63,21 @@ class LocalAws:
     def use(self) -> None:
         """Point this process's AWS clients at the emulator, until `stop()`."""
         wanted = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
-        self._replaced = {name: os.environ.get(name) for name in wanted}
+        if not self._replaced:  # a second call must not record the emulator's own values
+            self._replaced = {name: os.environ.get(name) for name in wanted}
         os.environ.update(wanted)
 
     def stop(self) -> None:
         """Stop the server (its state is gone) and give back the variables `use()` replaced."""
-        self._server.stop()
-        for name, value in self._replaced.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        try:
+            self._server.stop()
+        finally:
+            for name, value in self._replaced.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            self._replaced = {}
 
 
 async def create_resources(

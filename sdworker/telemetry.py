@@ -12,6 +12,7 @@ passes through to the notifications and log lines of its job. Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sdworker import __version__
-from sdworker.errors import ConfigError, JobError
+from sdworker.errors import ConfigError, JobError, JobInterrupted
 from sdworker.metrics import WorkerMetrics, meter_provider
 
 if TYPE_CHECKING:
@@ -261,14 +262,15 @@ _JOB_TRACES: ContextVar[JobTraces | None] = ContextVar("sdworker_job_traces", de
 
 
 @contextmanager
-def backend_phase(name: str, **attributes: Attribute) -> Iterator[Span]:
+def backend_phase(name: str, /, **attributes: Attribute) -> Iterator[Span]:
     """A named span for one phase of a backend's work, beneath the job's `generate` span, and
     its time in the `sdworker.backend.phase.duration` histogram. For plugins:
 
         with backend_phase("load model", model=name):
             pipeline = load(name)
 
-    An exception leaving the block is recorded on the span and goes on. Outside a job (at
+    An exception leaving the block is recorded on the span and goes on (an interrupt or a
+    cancellation is not an error). Outside a job (at
     start-up, in a test calling the backend directly) it does nothing. Work moved to a thread
     keeps the job's context only when the context goes with it: `asyncio.to_thread` copies it,
     `loop.run_in_executor` needs `contextvars.copy_context().run`.
@@ -399,6 +401,8 @@ class JobTraces:
         ) as span:
             try:
                 yield span
+            except (asyncio.CancelledError, JobInterrupted):
+                raise  # an interrupt is no error of the phase's
             except BaseException as error:
                 mark_error(span, error)
                 raise

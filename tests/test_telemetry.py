@@ -22,13 +22,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sdworker.aws import AwsClients
 from sdworker.backend import BackendResult, JobRequest, ProgressCallback
 from sdworker.client import send_jobs
-from sdworker.errors import BackendUnavailable, ConfigError, PermanentError
+from sdworker.errors import BackendUnavailable, ConfigError, JobInterrupted, PermanentError
 from sdworker.local import LocalResources
 from sdworker.local_mode import local_settings
 from sdworker.logs import configure_logging
+from sdworker.queue import Delivery
 from sdworker.settings import Settings
 from sdworker.submit import SubmitOptions, submit_jobs
-from sdworker.telemetry import Telemetry, backend_phase, instrument, tracer_provider
+from sdworker.telemetry import JobTraces, Telemetry, backend_phase, instrument, tracer_provider
 from sdworker.testing import FakeBackend
 from sdworker.worker import Worker
 from tests.aws_helpers import drain_messages, eventually, finals, send
@@ -462,7 +463,7 @@ async def test_backend_phases_are_spans_beneath_generate(
 async def test_a_phase_that_fails_records_the_error_on_its_span(
     start: StartWorker, captured: Captured, clients: AwsClients, resources: LocalResources
 ) -> None:
-    """The failing phase carries the exception and error.type; the job goes on to retry."""
+    """The failing phase carries the exception and error.type (the job, out of attempts, fails)."""
     await start(_PhasedBackend(broken=True), captured.telemetry, max_attempts=1)
     await send(clients, resources, job("phase-failed"))
     await ended(captured, "phase-failed")
@@ -470,6 +471,20 @@ async def test_a_phase_that_fails_records_the_error_on_its_span(
     assert denoise.status.status_code == StatusCode.ERROR
     assert (denoise.attributes or {})["error.type"] == "backend_unavailable"
     assert [event.name for event in denoise.events] == ["exception"]
+
+
+def test_an_interrupt_inside_a_phase_is_not_an_error(captured: Captured) -> None:
+    """A job interrupted (shutdown, deadline) mid-phase ends the phase's span without ERROR."""
+    traces = JobTraces(captured.telemetry, queue_url="http://q/jobs", backend="fake")
+    delivery = Delivery("m", "{}", "r", receive_count=1, sent_at=None, attributes={})
+    with (
+        traces.stage("generate", delivery),
+        pytest.raises(JobInterrupted),
+        backend_phase("denoise"),
+    ):
+        raise JobInterrupted("stopped at a step boundary")
+    denoise = named(captured.spans(), "denoise")
+    assert denoise.status.status_code == StatusCode.UNSET and not denoise.events
 
 
 def test_a_phase_outside_a_job_does_nothing(captured: Captured) -> None:

@@ -171,13 +171,13 @@ def _upscale(
     for unused in ("width", "height", "strength"):
         arguments.pop(unused, None)
     upscaler = store.upscaler()
-    try:
-        with backend_phase("denoise", steps=plan.steps, images=len(plan.seeds)):
+    with backend_phase("denoise", steps=plan.steps, images=len(plan.seeds)):
+        try:
             result = upscaler(
                 **arguments, noise_level=plan.noise_level, callback=on_step, callback_steps=1
             )
-    except _Stopped:
-        return []
+        except _Stopped:
+            return []
     return list(result.images)
 
 

@@ -36,17 +36,22 @@ _UNET_RESNET = {
     "time_emb_proj": "emb_layers.1",
     "conv_shortcut": "skip_connection",
 }
-_VAE_ATTENTION = {
+_VAE_ATTENTION = {  # the current names, then those of folders saved by older diffusers
     "group_norm": "norm",
     "to_q": "q",
     "to_k": "k",
     "to_v": "v",
     "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
 }
 
 
 def write_single_file(model: Path, path: Path) -> Path:
-    """Write `model` (a `save_pretrained` SD 1.x folder) to `path` in the original layout."""
+    """Write `model` (a `save_pretrained` SD 1.x folder with safetensors weights, unsharded, no
+    variant) to `path` in the original layout."""
     from safetensors.torch import load_file, save_file
 
     unet_config = json.loads((model / "unet" / "config.json").read_text())
@@ -133,7 +138,10 @@ def _vae_key(key: str, config: Mapping[str, Any]) -> str:
     if group == "mid_block":
         if parts[2] == "resnets":
             return f"{side}.mid.block_{int(parts[3]) + 1}.{_vae_resnet(parts[4:])}"
-        return f"{side}.mid.attn_1.{_renamed(parts[4:], _VAE_ATTENTION)}"
+        renamed = _renamed(parts[4:], _VAE_ATTENTION)
+        if renamed == ".".join(parts[4:]):
+            raise ValueError(f"no original name for VAE attention weight {key!r}")
+        return f"{side}.mid.attn_1.{renamed}"
     block = int(parts[2])
     if group == "up_blocks":
         block = len(config["up_block_types"]) - 1 - block
@@ -150,7 +158,7 @@ def _vae_resnet(rest: list[str]) -> str:
 
 def _vae_weight(key: str, value: Any) -> Any:
     """The VAE's attention projections are 1x1 convolutions in the original layout."""
-    is_projection = any(f".{name}.weight" in key for name in ("to_q", "to_k", "to_v", "to_out.0"))
+    is_projection = any(f".{name}.weight" in key for name in _VAE_ATTENTION if name != "group_norm")
     if "mid_block.attentions" in key and is_projection and value.ndim == 2:
         return value[:, :, None, None]
     return value
