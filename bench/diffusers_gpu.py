@@ -76,7 +76,7 @@ def unavailable() -> str | None:
     if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
         return "no NVIDIA driver on this machine (/proc/driver/nvidia, /dev/nvidiactl)"
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  # imported only to learn whether it is installed
         import torch
     except ImportError as error:
         return f"the diffusers stack is not installed ({error.name})"
