@@ -48,6 +48,7 @@ class Runs:
     bare: list[float] = field(default_factory=list)
     worker: list[float] = field(default_factory=list)
     generate: list[float] = field(default_factory=list)
+    thread: list[float] = field(default_factory=list)  # the worker with ISOLATION=thread
 
 
 def bare_loop(model: Path, jobs: int, job: dict[str, Any], placement: Placement) -> float:
@@ -106,11 +107,14 @@ async def worker_loop(
     jobs: int,
     job: dict[str, Any],
     placement: Placement,
+    *,
     progress_interval: float = 0.0,
+    isolation: str = "process",
 ) -> tuple[float, float | None]:
     """Seconds for `jobs` jobs through the whole worker, first send to last delete, and the
     worker's median generation time (its own record of the last 20 jobs).
-    `progress_interval`: seconds between progress notifications (0, the default: none)."""
+    `progress_interval`: seconds between progress notifications (0, the default: none);
+    `isolation`: where the backend runs its pipelines (`process`, the default, or `thread`)."""
     from sdworker.client import new_job, send_jobs
     from sdworker.local_mode import start_worker
     from sdworker.plugins import make_plugin_manager
@@ -120,6 +124,7 @@ async def worker_loop(
         SDWORKER_DIFFUSERS_MODEL=str(model),
         SDWORKER_DIFFUSERS_DEVICE=placement.device,
         SDWORKER_DIFFUSERS_DTYPE=placement.dtype,
+        SDWORKER_DIFFUSERS_ISOLATION=isolation,
     )
     tag = f"bench-{uuid.uuid4().hex[:8]}"  # the moto process serves every run: fresh names
     finished = _Finished(jobs)
@@ -170,9 +175,23 @@ def figures(name: str, jobs: int, runs: Runs, job: dict[str, Any]) -> dict[str, 
             "worker_generate": round(1000 * generate, 1),
         },
         "busy_fraction": round(jobs * generate / worker, 3),
+        **_thread_figures(jobs, runs),
         "jobs": jobs,
         "job": job,
         "queue_depth": jobs,
+    }
+
+
+def _thread_figures(jobs: int, runs: Runs) -> dict[str, Any]:
+    """The same ratio for the worker with its pipelines in a thread of its own process."""
+    if not runs.thread:
+        return {}
+    ratios = [b / t for b, t in zip(runs.bare, runs.thread, strict=True)]
+    return {
+        "thread_ratio": round(statistics.median(ratios), 3),
+        "thread_spread": round(max(ratios) - min(ratios), 3),
+        "thread_per_run_ratio": [round(r, 3) for r in ratios],
+        "thread_job_ms": round(1000 * statistics.median(runs.thread) / jobs, 1),
     }
 
 

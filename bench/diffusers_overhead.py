@@ -4,8 +4,10 @@ Both loops (`diffusers_loops.py`) run the same jobs on the same saved tiny model
 one process run, on the CPU in float32. torch gets one thread in both: on a GPU node the
 generation runs on the accelerator and leaves the host's cores to the worker's AWS work; on a
 2-core machine with torch on both cores, every millisecond of that work (and of moto's, which
-shares the machine here) would be charged to the generation instead. The figure is `ratio`, the
-worker's throughput ÷ the bare loop's.
+shares the machine here) would be charged to the generation instead (the worker's pipeline
+process gets one thread too: OMP_NUM_THREADS=1). The figure is `ratio`, the worker's throughput
+(pipelines in a process of their own, the default) ÷ the bare loop's; `thread_ratio` is the same
+with SDWORKER_DIFFUSERS_ISOLATION=thread, measured in the same runs.
 
     python bench/diffusers_overhead.py --jobs 24 --runs 7
 """
@@ -13,6 +15,7 @@ worker's throughput ÷ the bare loop's.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ def measure(
 
     configure_logging("json", "error")
     torch.set_num_threads(1)  # the generation's own core; see the module's docstring
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the worker's pipeline process's: read at its start
     jobs = jobs or (6 if quick else 24)
     runs = runs or (1 if quick else 7)
     measured = Runs()
@@ -46,6 +50,8 @@ def measure(
             seconds, typical = asyncio.run(worker_loop(model, jobs, JOB, CPU))
             measured.worker.append(seconds)
             measured.generate.append(typical or 0.0)
+            in_thread, _ = asyncio.run(worker_loop(model, jobs, JOB, CPU, isolation="thread"))
+            measured.thread.append(in_thread)
     return {
         **figures(NAME, jobs, measured, JOB),
         "device": "cpu",

@@ -2,4 +2,5 @@
 
 from sdworker.cli import main
 
-main()
+if __name__ == "__main__":  # not again in a child process started by spawn or forkserver
+    main()

@@ -39,8 +39,17 @@ def add_trace_ids(
     return event
 
 
+_CURRENT = {"format": "json", "level": "info"}
+
+
+def current_logging() -> tuple[str, str]:
+    """The format and level last given to `configure_logging`, for a child process to log alike."""
+    return _CURRENT["format"], _CURRENT["level"]
+
+
 def configure_logging(log_format: str = "json", level: str = "info") -> None:
     """Route structlog (and the standard library's warnings and errors) to stderr."""
+    _CURRENT.update(format=log_format, level=level)
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
         structlog.processors.JSONRenderer()

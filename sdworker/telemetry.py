@@ -17,7 +17,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -275,12 +275,75 @@ def backend_phase(name: str, /, **attributes: Attribute) -> Iterator[Span]:
     keeps the job's context only when the context goes with it: `asyncio.to_thread` copies it,
     `loop.run_in_executor` needs `contextvars.copy_context().run`.
     """
+    records = _PHASE_RECORDS.get()
+    if records is not None:
+        with _recorded_phase(records, name, attributes):
+            yield INVALID_SPAN
+        return
     traces = _JOB_TRACES.get()
     if traces is None:
         yield INVALID_SPAN
         return
     with traces.phase(name, attributes) as span:
         yield span
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """One phase timed where no trace exists (a backend's own process), to be replayed as a
+    span: its name, start and end (ns since the epoch), attributes, and the error it ended
+    with (`error.type` and message), if any."""
+
+    name: str
+    started_ns: int
+    ended_ns: int
+    attributes: Mapping[str, Attribute]
+    error: tuple[str, str] | None = None
+
+
+_PHASE_RECORDS: ContextVar[list[PhaseRecord] | None] = ContextVar(
+    "sdworker_phase_records", default=None
+)
+
+
+@contextmanager
+def recording_phases() -> Iterator[list[PhaseRecord]]:
+    """Inside, `backend_phase` records timings into the list it yields instead of making spans:
+    for a backend whose work runs in a process of its own, which sends the records back for
+    `replay_phases` to turn into spans and histogram samples in the worker's process."""
+    records: list[PhaseRecord] = []
+    token = _PHASE_RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _PHASE_RECORDS.reset(token)
+
+
+@contextmanager
+def _recorded_phase(
+    records: list[PhaseRecord], name: str, attributes: Mapping[str, Attribute]
+) -> Iterator[None]:
+    started = time.time_ns()
+    error: tuple[str, str] | None = None
+    try:
+        yield
+    except JobInterrupted:
+        raise  # an interrupt is no error of the phase's
+    except BaseException as failure:
+        code = failure.code if isinstance(failure, JobError) else type(failure).__qualname__
+        error = (code, str(failure))
+        raise
+    finally:
+        records.append(PhaseRecord(name, started, time.time_ns(), dict(attributes), error))
+
+
+def replay_phases(records: Iterable[PhaseRecord]) -> None:
+    """Spans and histogram samples for phases timed by `recording_phases` (in another process),
+    beneath the current job's `generate` span; nothing outside a job."""
+    traces = _JOB_TRACES.get()
+    if traces is not None:
+        for record in records:
+            traces.replay(record)
 
 
 # the spans of a job ---------------------------------------------------------------------------
@@ -408,6 +471,20 @@ class JobTraces:
                 raise
             finally:
                 self.metrics.phase_ended(name, time.monotonic() - started)
+
+    def replay(self, record: PhaseRecord) -> None:
+        """A span and a histogram sample for a phase timed elsewhere, with its own times."""
+        span = self.tracer.start_span(
+            record.name,
+            start_time=record.started_ns,
+            attributes={"sdworker.phase": record.name, **record.attributes},
+        )
+        if record.error is not None:
+            code, message = record.error
+            span.set_attribute("error.type", code)
+            span.set_status(Status(StatusCode.ERROR, message))
+        span.end(end_time=record.ended_ns)
+        self.metrics.phase_ended(record.name, (record.ended_ns - record.started_ns) / 1e9)
 
     def failed(self, delivery: Delivery, error: BaseException) -> None:
         """Record a failed attempt on the job's span."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,13 @@ from sdworker.backend import BackendResult, JobRequest, ProgressCallback
 from sdworker.errors import BackendUnavailable, PermanentError
 from sdworker.local import LocalResources
 from sdworker.settings import Settings
-from sdworker.telemetry import Telemetry, backend_phase
+from sdworker.telemetry import (
+    PhaseRecord,
+    Telemetry,
+    backend_phase,
+    recording_phases,
+    replay_phases,
+)
 from sdworker.testing import FakeBackend
 from sdworker.worker import Worker
 from tests.aws_helpers import eventually, finals, send
@@ -123,11 +130,34 @@ class _LoadingBackend(FakeBackend):
             return await super().run(request, progress)
 
 
+class _ElsewhereBackend(FakeBackend):
+    """Times the same phases where there is no job context (as a backend process of its own
+    does), then hands the records back to the worker's process."""
+
+    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
+        records = await asyncio.to_thread(self._timed)
+        replay_phases(records)
+        return await super().run(request, progress)
+
+    def _timed(self) -> list[PhaseRecord]:
+        with recording_phases() as records:
+            with backend_phase("load model"):
+                time.sleep(0.05)
+            with backend_phase("denoise"):
+                pass
+        return records
+
+
+@pytest.mark.parametrize("backend", [_LoadingBackend, _ElsewhereBackend])
 async def test_each_backend_phase_is_timed(
-    start: StartWorker, clients: AwsClients, resources: LocalResources
+    start: StartWorker,
+    clients: AwsClients,
+    resources: LocalResources,
+    backend: type[FakeBackend],
 ) -> None:
-    """Two jobs: two samples per phase in the phase histogram, labelled with backend and phase."""
-    _, port = await start(_LoadingBackend())
+    """Two jobs: two samples per phase in the phase histogram, labelled with backend and phase,
+    whether the phases were timed in the worker's process or replayed from another."""
+    _, port = await start(backend())
     for n in range(2):
         await send(clients, resources, job(f"phases-{n}"))
     samples = await scraped_when(port, jobs_ended(2))

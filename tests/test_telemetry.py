@@ -29,7 +29,15 @@ from sdworker.logs import configure_logging
 from sdworker.queue import Delivery
 from sdworker.settings import Settings
 from sdworker.submit import SubmitOptions, submit_jobs
-from sdworker.telemetry import JobTraces, Telemetry, backend_phase, instrument, tracer_provider
+from sdworker.telemetry import (
+    JobTraces,
+    Telemetry,
+    backend_phase,
+    instrument,
+    recording_phases,
+    replay_phases,
+    tracer_provider,
+)
 from sdworker.testing import FakeBackend
 from sdworker.worker import Worker
 from tests.aws_helpers import drain_messages, eventually, finals, send
@@ -485,6 +493,39 @@ def test_an_interrupt_inside_a_phase_is_not_an_error(captured: Captured) -> None
         raise JobInterrupted("stopped at a step boundary")
     denoise = named(captured.spans(), "denoise")
     assert denoise.status.status_code == StatusCode.UNSET and not denoise.events
+
+
+def test_phases_recorded_elsewhere_are_replayed_with_their_own_times(captured: Captured) -> None:
+    """A backend working in a process of its own records its phases (no spans there) and hands
+    the records back: replayed in the job, they are children of `generate` with the recorded
+    times and attributes, and the failing one carries its error."""
+    traces = JobTraces(captured.telemetry, queue_url="http://q/jobs", backend="fake")
+    delivery = Delivery("m", "{}", "r", receive_count=1, sent_at=None, attributes={})
+    with recording_phases() as records:  # as in the backend's own process
+        with backend_phase("denoise", steps=2) as span:
+            assert not span.is_recording()
+        with pytest.raises(BackendUnavailable), backend_phase("encode outputs"):
+            raise BackendUnavailable("out of GPU memory")
+    assert captured.spans() == []
+    with traces.stage("generate", delivery):
+        replay_phases(records)
+    spans = captured.spans()
+    generate = named(spans, "generate")
+    assert [s.name for s in children(spans, generate)] == ["denoise", "encode outputs"]
+    denoise, encode = named(spans, "denoise"), named(spans, "encode outputs")
+    assert (denoise.start_time, denoise.end_time) == (records[0].started_ns, records[0].ended_ns)
+    assert dict(denoise.attributes or {}) == {"sdworker.phase": "denoise", "steps": 2}
+    assert encode.status.status_code == StatusCode.ERROR
+    assert encode.status.description == "out of GPU memory"
+    assert (encode.attributes or {})["error.type"] == "backend_unavailable"
+
+
+def test_replaying_outside_a_job_does_nothing(captured: Captured) -> None:
+    """Phases handed back with no job around (at start-up) make no spans."""
+    with recording_phases() as records, backend_phase("load model"):
+        pass
+    replay_phases(records)
+    assert len(records) == 1 and captured.spans() == []
 
 
 def test_a_phase_outside_a_job_does_nothing(captured: Captured) -> None:

@@ -1,4 +1,4 @@
-"""The `diffusers` backend plugin: Stable Diffusion pipelines run in-process, on the GPU if any.
+"""The `diffusers` backend plugin: Stable Diffusion pipelines run by sdworker, on the GPU if any.
 
 Nothing heavy is imported here: torch and diffusers load only when the backend is built.
 """
@@ -34,7 +34,7 @@ def register_backends() -> list[BackendSpec]:
             name="diffusers",
             factory=make_backend,
             tasks=TASKS,
-            description="Stable Diffusion 1.x/2.x and SDXL in-process (GPU if present); "
+            description="Stable Diffusion 1.x/2.x and SDXL run by sdworker (GPU if present); "
             "upscale with SDWORKER_DIFFUSERS_UPSCALER",
         )
     ]

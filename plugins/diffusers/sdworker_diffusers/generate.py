@@ -5,12 +5,11 @@ from __future__ import annotations
 import io
 import re
 import secrets
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -22,6 +21,13 @@ from sdworker_diffusers.samplers import scheduler_for
 from sdworker_diffusers.settings import DiffusersSettings
 
 _LORA_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class Stop(Protocol):
+    """A job's stop flag, checked at every step (`threading.Event` is one)."""
+
+    def is_set(self) -> bool:
+        """True once the job should stop."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,7 @@ def _image(inputs: Mapping[str, InputFile], name: str, *, required: bool) -> Ima
     return image.convert("L" if name == "mask" else "RGB")
 
 
-def run_plan(
-    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
-) -> list[Output]:
+def run_plan(store: ModelStore, plan: Plan, progress: ProgressCallback, stop: Stop) -> list[Output]:
     """Run the plan on its model's pipeline; raise `JobInterrupted` if `stop` was set."""
     run = _upscale if plan.task == "upscale" else _diffuse
     images = run(store, plan, progress, stop)
@@ -143,7 +147,7 @@ def run_plan(
 
 
 def _diffuse(
-    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
+    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: Stop
 ) -> list[Image.Image]:
     model = store.get(plan.model)
     pipeline = model.for_task(plan.task, scheduler_for(plan.sampler, model.base.scheduler.config))
@@ -160,7 +164,7 @@ class _Stopped(Exception):
 
 
 def _upscale(
-    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: threading.Event
+    store: ModelStore, plan: Plan, progress: ProgressCallback, stop: Stop
 ) -> list[Image.Image]:
     def on_step(step: int, timestep: Any, latents: Any) -> None:
         progress(Progress(step + 1, plan.steps))
@@ -209,7 +213,7 @@ def pipeline_arguments(plan: Plan) -> dict[str, Any]:
     return arguments
 
 
-def _on_step(progress: ProgressCallback, stop: threading.Event) -> Any:
+def _on_step(progress: ProgressCallback, stop: Stop) -> Any:
     def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
         progress(Progress(step + 1, pipeline.num_timesteps))
         if stop.is_set():

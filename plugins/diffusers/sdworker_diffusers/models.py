@@ -218,9 +218,8 @@ def place(pipeline: Any, placement: Placement) -> None:
     pipeline.set_progress_bar_config(disable=True)
 
 
-def resolve_placement(settings: DiffusersSettings) -> Placement:
-    """CUDA with fp16 when present (bf16 if asked), else CPU float32; settings can force either."""
-    import torch
+def import_quietly() -> None:
+    """Import transformers and diffusers without their import-time warnings and bars."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # before diffusers imports its processors
@@ -228,6 +227,13 @@ def resolve_placement(settings: DiffusersSettings) -> Placement:
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
+
+
+def resolve_placement(settings: DiffusersSettings) -> Placement:
+    """CUDA with fp16 when present (bf16 if asked), else CPU float32; settings can force either."""
+    import torch
+
+    import_quietly()
 
     device = settings.device
     if device == "auto":

@@ -24,6 +24,9 @@ class DiffusersSettings(PluginSettings):
     )
     model_config_dir: str | None = Field(None, description="Config for single-file checkpoints")
     cache_size: int = Field(2, ge=1, description="Loaded models kept (least recently used go)")
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="Run the pipelines in a process of their own, or a thread"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = Field(False, description="torch.compile the U-Net (regional)")

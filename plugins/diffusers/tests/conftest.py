@@ -20,9 +20,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def model_env(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Point the backend's settings at the tiny model, with no warm-up (tests warm it anyway)."""
+    """Point the backend's settings at the tiny model, with no warm-up (tests warm it anyway),
+    in a thread of the test's process: a test can reach into the pipeline, and no child has to
+    import torch. `test_diffusers_process.py` runs the default, a process of its own."""
     monkeypatch.setenv("SDWORKER_DIFFUSERS_MODEL", str(tiny_model))
     monkeypatch.setenv("SDWORKER_DIFFUSERS_WARMUP", "false")
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_ISOLATION", "thread")
     yield tiny_model
 
 

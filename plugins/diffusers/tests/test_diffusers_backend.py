@@ -21,6 +21,8 @@ from sdworker.errors import (
 from sdworker.settings import Settings
 from sdworker.testing import BackendContract, tiny_png
 from sdworker_diffusers.backend import DiffusersBackend
+from sdworker_diffusers.engine import ThreadEngine
+from sdworker_diffusers.models import ModelStore
 from sdworker_diffusers.samplers import SAMPLERS, sampler_key
 from sdworker_diffusers.single_file import write_single_file
 from sdworker_diffusers.tiny import make_tiny_lora
@@ -53,11 +55,20 @@ def ignore(_: Progress) -> None:
     """Drop progress readings."""
 
 
-class TestDiffusersContract(BackendContract):
-    """The backend contract, on the tiny model."""
+def _store(backend: DiffusersBackend) -> ModelStore:
+    """The models of a backend running in a thread of this process (see conftest)."""
+    assert isinstance(backend.engine, ThreadEngine) and backend.engine.store is not None
+    return backend.engine.store
 
-    @pytest.fixture
-    async def backend(self, model_env: Path) -> Any:  # type: ignore[override]  # fixture shape
+
+class TestDiffusersContract(BackendContract):
+    """The backend contract, on the tiny model, in a process of its own and in a thread."""
+
+    @pytest.fixture(params=["process", "thread"])
+    async def backend(  # type: ignore[override]  # fixture shape
+        self, model_env: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    ) -> Any:
+        monkeypatch.setenv("SDWORKER_DIFFUSERS_ISOLATION", request.param)
         started = DiffusersBackend(Settings())
         await started.start()
         yield started
@@ -242,7 +253,7 @@ async def test_named_models_are_selectable_and_evicted_least_recently_used(
     try:
         result = await backend.run(request(model="second"), ignore)
         assert result.info["model"] == "second"
-        assert backend._store is not None and list(backend._store._loaded) == ["second"]
+        assert list(_store(backend)._loaded) == ["second"]
     finally:
         await backend.close()
 
@@ -347,8 +358,7 @@ async def test_out_of_memory_is_retryable_and_the_next_job_runs(
     `BackendUnavailable` saying what to lower; the cache is freed and the next job succeeds."""
     import torch
 
-    assert backend._store is not None
-    unet = backend._store.get(None).base.unet  # shared by every task's pipeline (from_pipe)
+    unet = _store(backend).get(None).base.unet  # shared by every task's pipeline (from_pipe)
     emptied: list[bool] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
 

@@ -14,14 +14,18 @@ from tests.aws_helpers import send
 from tests.telemetry_helpers import generate_phases, named, traced_worker
 
 
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 async def test_a_job_trace_shows_model_load_denoise_and_encoding_beneath_generate(
     model_env: Path,
     monkeypatch: pytest.MonkeyPatch,
     clients: AwsClients,
     resources: LocalResources,
+    isolation: str,
 ) -> None:
     """A job naming a model not loaded yet: `load model`, `denoise`, `encode outputs`, in order,
-    each a child of `generate` although the backend runs them in its own thread."""
+    each a child of `generate` although the backend runs them in a thread or process of its own
+    (from a process they are timed there and replayed here)."""
+    monkeypatch.setenv("SDWORKER_DIFFUSERS_ISOLATION", isolation)
     monkeypatch.setenv("SDWORKER_DIFFUSERS_MODELS", f"second={model_env}")
     params = {"prompt": "fox", "model": "second", "width": 64, "height": 64, "steps": 3}
     async with traced_worker(resources, DiffusersBackend(Settings())) as captured:
