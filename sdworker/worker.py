@@ -6,7 +6,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -323,7 +323,7 @@ class Worker:
         finally:
             work.generation_done = True
             self._running.pop(work.delivery.message_id, None)
-            await self._give_up_slot(work)
+            self._after_next_start(self._give_up_slot(work))
 
     async def _generate(self, work: Work, request: JobRequest) -> Outcome:
         with self.traces.stage("generate", work.delivery) as span:
@@ -441,7 +441,14 @@ class Worker:
     def _record(self, work: Work, outcome: Outcome) -> None:
         """Record the outcome in the background, counted against intake until it is done."""
         self._outcomes_unrecorded += 1
-        self._spawn(self._recorded(work, outcome), self._recording)
+        self._after_next_start(self._recorded(work, outcome))
+
+    def _after_next_start(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` in the background from the loop's next pass on, so that the runner,
+        going on to the next prepared job, starts its generation first: the intake woken, or a
+        recording begun, at once would run the first steps of their AWS calls (~2 ms of botocore
+        CPU) before it. Tracked from now on, as a recording, for the drain to wait for."""
+        self._spawn(_after_a_pass(coroutine), self._recording)
 
     async def _recorded(self, work: Work, outcome: Outcome) -> None:
         try:
@@ -538,3 +545,12 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
 
 def _with_progress(job: Job, meta: notifications.Meta, *, reading: Progress) -> Body:
     return notifications.progress(job, meta, reading)
+
+
+async def _after_a_pass(coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
+        await asyncio.sleep(0)  # one pass of the event loop
+    except asyncio.CancelledError:
+        coroutine.close()
+        raise
+    await coroutine

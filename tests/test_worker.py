@@ -16,7 +16,7 @@ from aiohttp import web
 
 from sdworker import hookimpl
 from sdworker.aws import AwsClients
-from sdworker.backend import BackendResult, JobRequest, Output
+from sdworker.backend import BackendResult, JobRequest, Output, ProgressCallback
 from sdworker.errors import BackendUnavailable, PermanentError
 from sdworker.local import LocalResources
 from sdworker.local_mode import local_settings, start_worker
@@ -344,6 +344,46 @@ async def test_held_messages_stay_bounded_while_outcomes_are_slow_to_record(
     sampler.cancel()
     assert [b["status"] for b in bodies] == ["succeeded"] * jobs
     assert worker.limit < max(held) <= worker.limit + worker.recording_limit
+
+
+class _LoggedBackend(FakeBackend):
+    """A fake backend that logs when each job's generation starts and ends."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__(latency=0.2, steps=1)
+        self.events = events
+
+    async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:
+        self.events.append(f"start {request.id}")
+        try:
+            return await super().run(request, progress)
+        finally:
+            self.events.append(f"end {request.id}")
+
+
+async def test_the_next_generation_starts_before_the_worker_calls_aws_again(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """With the next job prepared, the runner starts its generation before the intake's next
+    receive and the finished job's uploads begin (botocore's `before-call`, the first thing an
+    API call does): a GPU does not wait for the worker's AWS calls between two jobs."""
+    events: list[str] = []
+    worker = await start(_LoggedBackend(events), prefetch=1, concurrency=1)
+    worker.queue.sqs.meta.events.register(
+        "before-call.sqs.ReceiveMessage", lambda **_: events.append("receive")
+    )
+    worker.store.s3.meta.events.register(
+        "before-call.s3.PutObject", lambda **_: events.append("put")
+    )
+    for name in ("first", "second"):
+        await send(clients, resources, job(name))
+    await finals(clients, resources, 2)
+    first_end = next(n for n, event in enumerate(events) if event.startswith("end "))
+    next_start = next(
+        n for n, event in enumerate(events) if event.startswith("start ") and n > first_end
+    )
+    assert events[first_end + 1 : next_start] == []
+    assert "put" in events[next_start:] and "receive" in events[next_start:]
 
 
 @pytest.mark.parametrize(
