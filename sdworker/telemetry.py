@@ -298,7 +298,17 @@ class PhaseRecord:
     started_ns: int
     ended_ns: int
     attributes: Mapping[str, Attribute]
-    error: tuple[str, str] | None = None
+    error: PhaseError | None = None
+
+
+@dataclass(frozen=True)
+class PhaseError:
+    """How a recorded phase failed: `error.type` (a job error's code, or the exception's class
+    name), the exception's class name, and its message."""
+
+    code: str
+    exception_type: str
+    message: str
 
 
 _PHASE_RECORDS: ContextVar[list[PhaseRecord] | None] = ContextVar(
@@ -324,14 +334,15 @@ def _recorded_phase(
     records: list[PhaseRecord], name: str, attributes: Mapping[str, Attribute]
 ) -> Iterator[None]:
     started = time.time_ns()
-    error: tuple[str, str] | None = None
+    error: PhaseError | None = None
     try:
         yield
-    except JobInterrupted:
+    except (asyncio.CancelledError, JobInterrupted):
         raise  # an interrupt is no error of the phase's
     except BaseException as failure:
-        code = failure.code if isinstance(failure, JobError) else type(failure).__qualname__
-        error = (code, str(failure))
+        kind = type(failure).__qualname__
+        code = failure.code if isinstance(failure, JobError) else kind
+        error = PhaseError(code, kind, str(failure))
         raise
     finally:
         records.append(PhaseRecord(name, started, time.time_ns(), dict(attributes), error))
@@ -480,9 +491,14 @@ class JobTraces:
             attributes={"sdworker.phase": record.name, **record.attributes},
         )
         if record.error is not None:
-            code, message = record.error
-            span.set_attribute("error.type", code)
-            span.set_status(Status(StatusCode.ERROR, message))
+            error = record.error
+            span.add_event(
+                "exception",
+                {"exception.type": error.exception_type, "exception.message": error.message},
+                timestamp=record.ended_ns,
+            )
+            span.set_attribute("error.type", error.code)
+            span.set_status(Status(StatusCode.ERROR, error.message))
         span.end(end_time=record.ended_ns)
         self.metrics.phase_ended(record.name, (record.ended_ns - record.started_ns) / 1e9)
 

@@ -318,7 +318,7 @@ class Worker:
         self._running[work.delivery.message_id] = work
         try:
             if self.settings.notify_running:
-                self._spawn(self.recorder.announce(work, notifications.running), self._recording)
+                self._after_next_start(self.recorder.announce(work, notifications.running))
             return await self._generate(work, work.request)
         finally:
             work.generation_done = True

@@ -518,6 +518,11 @@ def test_phases_recorded_elsewhere_are_replayed_with_their_own_times(captured: C
     assert encode.status.status_code == StatusCode.ERROR
     assert encode.status.description == "out of GPU memory"
     assert (encode.attributes or {})["error.type"] == "backend_unavailable"
+    [event] = encode.events
+    assert dict(event.attributes or {}) == {
+        "exception.type": "BackendUnavailable",
+        "exception.message": "out of GPU memory",
+    }
 
 
 def test_replaying_outside_a_job_does_nothing(captured: Captured) -> None:

@@ -350,7 +350,7 @@ class _LoggedBackend(FakeBackend):
     """A fake backend that logs when each job's generation starts and ends."""
 
     def __init__(self, events: list[str]) -> None:
-        super().__init__(latency=0.2, steps=1)
+        super().__init__(latency=0.6, steps=1)  # time for the next job to be prepared
         self.events = events
 
     async def run(self, request: JobRequest, progress: ProgressCallback) -> BackendResult:

@@ -3,7 +3,6 @@ per device, in a process of their own (or a thread: `SDWORKER_DIFFUSERS_ISOLATIO
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
@@ -36,7 +35,6 @@ class DiffusersBackend:
             if self.options.isolation == "process"
             else ThreadEngine(self.options)
         )
-        self._running: str | None = None
         self._ready = False
 
     async def start(self) -> None:
@@ -68,20 +66,12 @@ class DiffusersBackend:
                 f"it runs {', '.join(sorted(self.tasks))}"
             )
         plan = make_plan(request, self.options)
-        self._running = request.id
-        try:
-            generated = await self.engine.run(plan, progress)
-        except asyncio.CancelledError:
-            self.engine.interrupt()
-            raise
-        finally:
-            self._running = None
+        generated = await self.engine.run(plan, progress, request.id)
         return BackendResult(generated.outputs, info=generated.info)
 
     async def interrupt(self, job_id: str) -> None:
         """Stop the job at its next step boundary."""
-        if job_id == self._running:
-            self.engine.interrupt()
+        self.engine.interrupt(job_id)
 
     async def close(self) -> None:
         """Stop the running job and release the engine; safe to call twice."""

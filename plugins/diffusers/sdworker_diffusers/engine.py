@@ -40,16 +40,17 @@ class Loaded:
 
 
 class Engine(Protocol):
-    """Runs plans one at a time; `interrupt` stops the latest one at its next step."""
+    """Runs plans one at a time; `interrupt` stops a job at its next step."""
 
     async def start(self) -> Loaded:
         """Pick the device, load the default model (and upscaler) and warm up."""
 
-    async def run(self, plan: Plan, progress: ProgressCallback) -> Generated:
-        """Generate `plan`; progress per step; `JobInterrupted` when stopped."""
+    async def run(self, plan: Plan, progress: ProgressCallback, job_id: str) -> Generated:
+        """Generate `plan`; progress per step; `JobInterrupted` when stopped. Cancelled, the
+        job stops at its next step."""
 
-    def interrupt(self) -> None:
-        """Stop the job started last at its next step boundary."""
+    def interrupt(self, job_id: str) -> None:
+        """Stop the runs of `job_id` at their next step boundary."""
 
     @property
     def alive(self) -> bool:
@@ -57,17 +58,6 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop the running job and release the engine; safe to call twice."""
-
-
-class StopAfter:
-    """A job's stop flag: set once the engine is told to stop every job up to `serial`."""
-
-    def __init__(self, stopped_through: Callable[[], int], serial: int) -> None:
-        self._stopped_through, self._serial = stopped_through, serial
-
-    def is_set(self) -> bool:
-        """True once this job was interrupted."""
-        return self._stopped_through() >= self._serial
 
 
 def prepare(settings: DiffusersSettings) -> tuple[ModelStore, Loaded]:
@@ -107,7 +97,7 @@ class ThreadEngine:
         self.settings = settings
         self.store: ModelStore | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusers")
-        self._serial = self._stopped_through = 0
+        self._stops: dict[str, set[threading.Event]] = {}  # a job id may run twice at once
 
     @property
     def alive(self) -> bool:
@@ -119,20 +109,31 @@ class ThreadEngine:
         self.store, loaded = await self._in_thread(prepare, self.settings)
         return loaded
 
-    async def run(self, plan: Plan, progress: ProgressCallback) -> Generated:
+    async def run(self, plan: Plan, progress: ProgressCallback, job_id: str) -> Generated:
         """Generate in the backend's thread, in the job's context (its trace goes along)."""
         assert self.store is not None, "start() first"
-        self._serial += 1
-        stop = StopAfter(lambda: self._stopped_through, self._serial)
-        return await self._in_thread(generate, self.store, plan, progress, stop)
+        stop = threading.Event()
+        stops = self._stops.setdefault(job_id, set())
+        stops.add(stop)
+        try:
+            return await self._in_thread(generate, self.store, plan, progress, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        finally:
+            stops.discard(stop)
+            if not stops:
+                self._stops.pop(job_id, None)
 
-    def interrupt(self) -> None:
-        """Stop every job started so far at its next step."""
-        self._stopped_through = self._serial
+    def interrupt(self, job_id: str) -> None:
+        """Stop the runs of `job_id` at their next step."""
+        for stop in self._stops.get(job_id, ()):
+            stop.set()
 
     async def close(self) -> None:
-        """Stop the running job and let the thread go."""
-        self.interrupt()
+        """Stop the running jobs and let the thread go."""
+        for job_id in list(self._stops):
+            self.interrupt(job_id)
         self.store = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
