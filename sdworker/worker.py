@@ -176,12 +176,14 @@ class Worker:
             prefetch=self.settings.prefetch,
             queue=self.queue.url,
         )
-        await self._stopping.wait()
         try:
+            await self._stopping.wait()
             await self._drain(intake, runners)
-        finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+        finally:  # after a drain only the heartbeat is left; cancelled, nothing may outlive it
+            tasks = [heartbeat, intake, *runners]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         log.info("worker stopped")
 
     # intake -------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ async def start(resources: LocalResources) -> AsyncIterator[StartWorker]:
 
     yield starter
     for worker, task in running:
+        if task.cancelled():
+            continue  # the test's own doing
         if not task.done():
             worker.stop(deadline_s=0)
         await task
@@ -144,10 +146,31 @@ async def test_a_hung_backend_makes_the_worker_hand_back_and_exit_non_zero(
     backend = FakeBackend(latency=60, steps=60, hang=True)
     worker, serving = await start(backend, backend_grace=0.3, on_backend_hang="exit")
     await send(clients, resources, job("stuck", timeout_s=0.5))
+
+    async def stuck_runs() -> bool:  # the next job must wait behind it, whatever SQS's order
+        return bool(backend.runs)
+
+    await eventually(stuck_runs)
     await send(clients, resources, job("waiting"))
     assert await asyncio.wait_for(serving, 10) == 1
     assert not worker.taking_work and backend.interrupted == ["stuck"]
     assert await queue_counts(clients, resources.queue_url) == (2, 0)
+
+
+async def test_a_cancelled_worker_leaves_no_task_behind(
+    start: StartWorker, clients: AwsClients, resources: LocalResources
+) -> None:
+    """Cancelling the daemon's task (an application embedding it, shutting down) ends its
+    intake and runners too: a message sent afterwards stays in the queue."""
+    worker, serving = await start(FakeBackend(), receive_wait=0)
+    await asyncio.sleep(0.3)  # serving: intake and runners started
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert worker._intake_task is not None and worker._intake_task.done()
+    await send(clients, resources, job("after"))
+    await asyncio.sleep(1.0)
+    assert await queue_counts(clients, resources.queue_url) == (1, 0)
 
 
 async def test_the_worker_takes_no_message_while_the_backend_is_not_ready(
