@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed
 # checkov pins botocore and urllib3 apart from aiobotocore's pins: it gets a virtualenv of its own,
 # inside .venv so that git ignores it and `make clean` removes it (tests/test_infra.py finds it).
 TOOLS := $(VENV)/tools
+# What the sidecar image installs (the core and the HTTP backends, no extras): the footprint
+# benchmark runs the daemon from it, so that the extras above do not weigh on its figures.
+SIDECAR := $(VENV)/sidecar
 
-.PHONY: install test lint demo bench bench-quick clean
+.PHONY: install sidecar test lint demo bench bench-quick clean
 
 install: $(STAMP)
 
@@ -22,6 +25,14 @@ $(STAMP): pyproject.toml
 	test -x $(TOOLS)/bin/checkov || { $(PYTHON) -m venv $(TOOLS) \
 		&& $(TOOLS)/bin/python -m pip install --quiet 'checkov>=3.2,<4'; }
 	touch $(STAMP)
+
+sidecar: $(SIDECAR)/.installed
+
+$(SIDECAR)/.installed: pyproject.toml
+	test -x $(SIDECAR)/bin/python || $(PYTHON) -m venv $(SIDECAR)
+	$(SIDECAR)/bin/python -m pip install --quiet --upgrade pip
+	$(SIDECAR)/bin/python -m pip install --quiet -e .
+	touch $@
 
 test: install
 	$(BIN)/ruff check .
@@ -36,10 +47,10 @@ lint: install
 demo: install
 	$(BIN)/sdworker demo
 
-bench: install
+bench: install sidecar
 	$(BIN)/python bench/run.py
 
-bench-quick: install
+bench-quick: install sidecar
 	$(BIN)/python bench/run.py --quick
 
 # Issue 6's chaos run: a few hundred jobs through faulty workers; the last line is its JSON report.

@@ -7,6 +7,10 @@ that torch is never loaded.
 - `rss_mb`: VmRSS from /proc/<pid>/status once it polls, after `idle_s` of idling (a 20 s long
   poll, as deployed); `rss_peak_mb` is VmHWM;
 - `import_s`: `python -c "import sdworker"` minus `python -c "pass"`, median of `imports` pairs;
+- the daemon's interpreter: the sidecar image's install (`.venv/sidecar`, which `make bench`
+  builds: `pip install -e .`, the core and the HTTP backends with no extras) when there is one,
+  else this interpreter, whose extras (diffusers, dev tools) add modules that libraries import
+  when they find them installed; `BENCH_DAEMON_PYTHON` names another. The JSON says which;
 - torch: whether libtorch is mapped into the running daemon, and whether `torch` is among the
   modules one more run (under `-X importtime`, not timed) imported; that run also gives the
   import time of start-up by top-level package (each package's modules' own times summed).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,7 +52,20 @@ from sdworker_a1111.testing import FakeWebUI, free_port
 
 RSS_TARGET_MB = 80.0
 STARTUP_TARGET_S = 1.5
-DAEMON = [sys.executable, "-m", "sdworker", "run"]
+SIDECAR_PYTHON = Path(__file__).resolve().parent.parent / ".venv" / "sidecar" / "bin" / "python"
+
+
+def daemon_python() -> tuple[str, str]:
+    """The interpreter that runs the daemon, and which install it is."""
+    if chosen := os.environ.get("BENCH_DAEMON_PYTHON"):
+        return chosen, "BENCH_DAEMON_PYTHON"
+    if SIDECAR_PYTHON.exists():
+        return str(SIDECAR_PYTHON), "sidecar (core and HTTP backends, no extras)"
+    return sys.executable, "the benchmark's own (with every extra installed here)"
+
+
+PYTHON, INSTALL = daemon_python()
+DAEMON = [PYTHON, "-m", "sdworker", "run"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +167,7 @@ async def _imported(
     """One more start-up under `-X importtime`: every module it imported, with its cost."""
     target = await make_target(clients, "foot-importtime")
     marks = proxy.watch(target.queue_url, 0)
-    argv = [sys.executable, "-X", "importtime", *DAEMON[1:]]
+    argv = [PYTHON, "-X", "importtime", *DAEMON[1:]]
     daemon = Consumer(argv, _environment(target, proxy, webui), folder / "importtime.log")
     await daemon.start()
     try:
@@ -199,7 +217,7 @@ def _import_times(pairs: int, *, app: bool) -> tuple[float, float | None]:
 
 def _time_python(code: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([PYTHON, "-c", code], check=True)
     return time.perf_counter() - started
 
 
@@ -227,6 +245,7 @@ def _report(
         "torch_loaded": torch_mapped or bool(imports["torch_imported"]),
         "startup_imports": imports,
         "backend": "a1111 (FakeWebUI on 127.0.0.1)",
+        "install": INSTALL,
         "idle_s": plan.idle_s,
         "imports": plan.imports,
         "queue_depth": 0,

@@ -7,11 +7,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import NoRegionError
+from botocore.loaders import JSONFileLoader
 
 from sdworker import __version__
 from sdworker.errors import ConfigError
@@ -20,6 +21,39 @@ if TYPE_CHECKING:  # typing-only stubs: not imported at run time
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sns import SNSClient
     from types_aiobotocore_sqs import SQSClient
+
+# The services a worker's session makes clients for: its own three, and those botocore's
+# credential providers call (STS to assume a role or a web identity, SSO and its token service).
+SESSION_SERVICES = frozenset({"sqs", "s3", "sns", "sts", "sso", "sso-oidc"})
+
+
+class _SessionEndpointsLoader(JSONFileLoader):
+    """botocore's JSON loader, keeping from its endpoint data (`endpoints.json`: every service in
+    every partition) only the services of `SESSION_SERVICES`.
+
+    botocore reads that data once a session and holds it for the life of the process: 6.8 MB of
+    objects, most of a worker's AWS memory after the service models (docs/performance.md). The
+    partitions, their defaults and regions are kept whole, so clients of these services resolve
+    exactly as before (tests/test_aws.py compares them); a service left out would resolve as one
+    botocore has no data for: by its partition's pattern, then its endpoint rule set.
+    """
+
+    def load_file(self, file_path: str) -> Any:
+        data = super().load_file(file_path)
+        if isinstance(data, dict) and os.path.basename(file_path) == "endpoints":
+            for partition in data.get("partitions", []):
+                services = partition.get("services", {})
+                partition["services"] = {
+                    name: services[name] for name in SESSION_SERVICES if name in services
+                }
+        return data
+
+
+def worker_session() -> AioSession:
+    """An aiobotocore session that holds the endpoint data of `SESSION_SERVICES` only."""
+    session = get_session()
+    session.get_component("data_loader").file_loader = _SessionEndpointsLoader()
+    return session
 
 
 def _user_agent() -> str:
@@ -71,7 +105,7 @@ class AwsClients:
 @asynccontextmanager
 async def aws_clients(config: AioConfig = CLIENT_CONFIG) -> AsyncIterator[AwsClients]:
     """Open SQS, S3 and SNS clients; endpoint, region and credentials follow the AWS variables."""
-    session = get_session()
+    session = worker_session()
     async with AsyncExitStack() as stack:
         try:
             sqs = await stack.enter_async_context(session.create_client("sqs", config=config))

@@ -1,9 +1,9 @@
 """Health probes: `/healthz` (the worker's event loop is alive), `/readyz` (the backend is ready
 and the worker takes work), and `/metrics` for Prometheus.
 
-The server runs on a thread and event loop of its own, so that it still answers — 503 — when the
-worker's loop is wedged. A watchdog ticks on the worker's loop and samples its vitals; the server
-only reads what the last tick left. Example:
+The server runs on threads of its own (the standard library's `ThreadingHTTPServer`), so that it
+still answers — 503 — when the worker's loop is wedged. A watchdog ticks on the worker's loop and
+samples its vitals; the server only reads what the last tick left. Example:
 
     watchdog = Watchdog(stall_s=10)
     server = HealthServer(watchdog, registry, host="0.0.0.0", port=8080)
@@ -14,16 +14,19 @@ only reads what the last tick left. Example:
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import socketserver
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aiohttp import web
     from prometheus_client import CollectorRegistry
 
 PROBES = ("healthz", "readyz")
@@ -85,7 +88,8 @@ class Watchdog:
 
 
 class HealthServer:
-    """`/healthz`, `/readyz` and `/metrics` served from a thread of their own."""
+    """`/healthz`, `/readyz` and `/metrics`, served by the standard library's threading HTTP server
+    from a thread of its own: nothing it does waits on the worker's event loop."""
 
     def __init__(
         self,
@@ -99,78 +103,85 @@ class HealthServer:
         self.registry = registry
         self.host = host
         self.port = port
-        self._started = threading.Event()
-        self._error: Exception | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._serve, name="sdworker-health", daemon=True)
+        self._server: _ProbeServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start listening (port 0: any free one, then in `port`); raise OSError if it cannot."""
+        server = _ProbeServer((self.host, self.port), self)
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name="sdworker-health",
+            daemon=True,
+        )
         self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
 
     def stop(self) -> None:
         """Stop listening and end the thread."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
             self._thread.join(timeout=5)
+            self._server = self._thread = None
 
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        try:
-            runner = loop.run_until_complete(self._open())
-        except Exception as error:  # a taken port, mostly: `start()` raises it on the caller's side
-            self._error = error
-            loop.close()
-            self._started.set()
-            return
-        self._loop = loop
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-    async def _open(self) -> web.AppRunner:
-        from aiohttp import web
-
-        runner = web.AppRunner(self._app(), access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self.port = int(runner.addresses[0][1])
-        return runner
-
-    def _app(self) -> web.Application:
-        from aiohttp import web
-
-        async def healthz(_request: web.Request) -> web.Response:
-            ok = self.watchdog.alive()
-            return web.json_response(self.watchdog.report(), status=200 if ok else 503)
-
-        async def readyz(_request: web.Request) -> web.Response:
-            ok = self.watchdog.ready()
-            return web.json_response(self.watchdog.report(), status=200 if ok else 503)
-
-        async def metrics(_request: web.Request) -> web.Response:
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for a GET of `path`."""
+        if path in ("/healthz", "/readyz"):
+            ok = self.watchdog.alive() if path == "/healthz" else self.watchdog.ready()
+            body = json.dumps(self.watchdog.report()).encode()
+            return (200 if ok else 503), "application/json", body
+        if path == "/metrics" and self.registry is not None:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            if self.registry is None:
-                raise web.HTTPNotFound(text="metrics are off")
-            body = generate_latest(self.registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        why = "metrics are off" if path == "/metrics" else "no such probe: use /healthz or /readyz"
+        return 404, "text/plain; charset=utf-8", why.encode()
 
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        return app
+
+class _ProbeServer(ThreadingHTTPServer):
+    """One thread per request, none kept waiting at exit; IPv6 hosts listen over IPv6."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], health: HealthServer) -> None:
+        self.health = health
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _ProbeHandler)
+
+    def server_bind(self) -> None:
+        """Bind without `HTTPServer`'s reverse DNS lookup of the host, which can stall start-up."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.health.host, int(self.server_address[1])
+
+
+class _ProbeHandler(BaseHTTPRequestHandler):
+    """GET and HEAD of the probes and metrics; no access log."""
+
+    server: _ProbeServer
+    timeout = 10  # a client that stops sending holds its thread no longer than this
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._respond(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(with_body=False)
+
+    def _respond(self, *, with_body: bool) -> None:
+        status, content_type, body = self.server.health.answer(self.path.partition("?")[0])
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes arrive every few seconds: they are not logged."""
 
 
 def probe_url(host: str, port: int, probe: str) -> str:

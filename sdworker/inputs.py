@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sdworker.backend import InputFile
 from sdworker.errors import InputRefused, JobError, PermanentError, RetryableError
+from sdworker.tls import verifying_context
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -186,7 +187,7 @@ class InputFetcher:
         self._max_bytes = max_bytes
         self._guard = _AddressGuard(allow)
         self._owns_http = http is None
-        self._http = _default_http_client() if http is None else http
+        self._client = http
         self._timeout_s = timeout_s
 
     @classmethod
@@ -207,8 +208,16 @@ class InputFetcher:
 
     async def aclose(self) -> None:
         """Close the HTTP client if this fetcher made it."""
-        if self._owns_http:
-            await self._http.aclose()
+        if self._owns_http and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, made on the first http(s) input: most jobs' inputs are s3: or data:."""
+        if self._client is None:
+            self._client = _default_http_client()
+        return self._client
 
     async def fetch_all(self, inputs: Mapping[str, str | None]) -> dict[str, InputFile]:
         """Fetch every input at once (None values are skipped); a refusal outranks a retry."""
@@ -301,7 +310,7 @@ class InputFetcher:
         except httpx.TimeoutException:
             raise RetryableError(f"{label}: {redact(uri)} timed out; will retry") from None
         except httpx.TransportError as error:
-            reason = type(error).__name__
+            reason = _transport_reason(error)
             raise RetryableError(f"{label}: {redact(uri)} failed ({reason}); will retry") from None
         except (httpx.HTTPError, httpx.InvalidURL) as error:
             reason = type(error).__name__
@@ -388,6 +397,7 @@ def _default_http_client() -> httpx.AsyncClient:
         timeout=httpx.Timeout(30.0, connect=10.0),
         limits=httpx.Limits(max_keepalive_connections=0),
         trust_env=False,
+        verify=verifying_context(),
     )
 
 
@@ -448,3 +458,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for error in group.exceptions:
         leaves.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
     return leaves
+
+
+def _transport_reason(error: httpx.TransportError) -> str:
+    """The error's kind and what it says: a refused connection, an unverified certificate..."""
+    said = str(error).strip()
+    kind = type(error).__name__
+    return f"{kind}: {said[:200]}" if said else kind

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -29,6 +31,21 @@ class PluginInfo:
     name: str
     version: str
     hooks: tuple[str, ...]
+
+
+def lazy_exports(package: str, sources: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` for a plugin package: each name in `sources` is imported from its
+    module on first use, so that registering the plugin loads none of its code. Example:
+
+        __getattr__ = lazy_exports(__name__, {"MyBackend": "my_plugin.backend"})
+    """
+
+    def attribute(name: str) -> Any:
+        if name not in sources:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(sources[name]), name)
+
+    return attribute
 
 
 def make_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:

@@ -23,6 +23,7 @@ import httpx
 import structlog
 
 from sdworker.settings import Settings
+from sdworker.tls import verify_for
 
 NoticeKind = Literal["terminate", "stop", "hibernate", "rebalance"]
 NoticeHandler = Callable[["Notice"], Awaitable[None] | None]
@@ -103,7 +104,10 @@ class MetadataClient:
     ) -> None:
         # No proxy from the environment: metadata is link-local, as the AWS SDKs treat it.
         self._http = httpx.AsyncClient(
-            base_url=endpoint.rstrip("/"), timeout=timeout, trust_env=False
+            base_url=endpoint.rstrip("/"),
+            timeout=timeout,
+            trust_env=False,
+            verify=verify_for(endpoint),
         )
         self.timeout, self.probe_timeout, self.token_ttl = timeout, probe_timeout, token_ttl
         self._token: str | None = None

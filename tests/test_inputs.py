@@ -253,6 +253,16 @@ async def test_https_keeps_the_host_name_for_tls(
     assert fetched.data == PNG
 
 
+async def test_https_refuses_a_certificate_nobody_vouches_for(
+    tls_server: tuple[str, ssl.SSLContext], make_fetcher: MakeFetcher
+) -> None:
+    """The fetcher's own client verifies certificates against the public CA bundle: a self-signed
+    one fails the fetch, and says so."""
+    url, _trust = tls_server
+    with pytest.raises(RetryableError, match=r"^inputs\.image: .* certificate verify failed"):
+        await make_fetcher(allow=["localhost"]).fetch("image", f"{url}/named.png")
+
+
 async def test_source_drops_the_query_string(server: str, make_fetcher: MakeFetcher) -> None:
     """The recorded source keeps the URL but not its (presigned) query string."""
     fetched = await make_fetcher(allow=["127.0.0.1"]).fetch("image", f"{server}/image.png?{SECRET}")

@@ -106,15 +106,29 @@ def test_an_unknown_backend_lists_the_installed_ones() -> None:
 
 
 def test_the_backend_plugins_import_nothing_heavy() -> None:
-    """Loading every plugin imports neither torch nor diffusers."""
+    """Loading every plugin imports neither torch nor diffusers, nor any backend's own code: a
+    worker loads only the backend it runs."""
     script = (
         "import sys; from sdworker.plugins import backend_specs; backend_specs(); "
-        "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+        "heavy = {'torch', 'diffusers', 'transformers'}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy "
+        "or m.endswith('.backend') and m != 'sdworker.backend'))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    assert _python_prints(script) == "[]"
+
+
+def test_the_daemon_leaves_out_what_it_does_not_use() -> None:
+    """structlog is loaded without rich (it would import it, and pygments, for tracebacks our log
+    chain never asks it to render), rich stays importable for the CLI, and the health server
+    needs no aiohttp server: memory the footprint benchmark counts (docs/performance.md)."""
+    script = (
+        "import sys, sdworker.app, sdworker.cli, structlog.dev; "
+        "from sdworker.health import HealthServer, Watchdog; "
+        "HealthServer(Watchdog(), None, host='127.0.0.1', port=0).start(); "
+        "print(structlog.dev.rich is None, 'aiohttp.web' in sys.modules); "
+        "import rich.progress"
     )
-    assert done.stdout.strip() == "[]"
+    assert _python_prints(script) == "True False"
 
 
 def test_hook_calls_are_traced_to_stderr(
@@ -266,3 +280,22 @@ async def main():
 asyncio.run(main())
 """
     assert _with_site(example_site, script) == "example [('image/png', 3)]"
+
+
+def _python_prints(script: str) -> str:
+    """What `script` prints, run in a fresh interpreter (so that nothing is imported yet)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip()
+
+
+def test_a_plugin_exports_its_backend_class_on_first_use() -> None:
+    """`from sdworker_a1111 import A1111Backend` works without registration having imported the
+    backend; a name the package does not have is an AttributeError that says so."""
+    script = (
+        "import sys, sdworker_a1111; before = 'sdworker_a1111.backend' in sys.modules; "
+        "from sdworker_a1111 import A1111Backend; "
+        "print(before, A1111Backend.__module__, hasattr(sdworker_a1111, 'Nope'))"
+    )
+    assert _python_prints(script) == "False sdworker_a1111.backend False"

@@ -18,6 +18,7 @@ import structlog
 from sdworker.backend import BackendResult, JobRequest
 from sdworker.errors import BackendUnavailable, JobError, JobInterrupted, UnsupportedJob
 from sdworker.telemetry import backend_phase
+from sdworker_a1111 import TASKS
 from sdworker_a1111.bodies import Call, build_call
 from sdworker_a1111.checkpoints import Checkpoint, Checkpoints
 from sdworker_a1111.client import WebUIClient
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from sdworker.settings import Settings
 
 log = structlog.get_logger("sdworker.a1111")
-
-TASKS = frozenset({"img2img", "inpaint", "txt2img", "upscale"})
 
 
 class A1111Backend:

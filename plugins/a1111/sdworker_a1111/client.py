@@ -16,6 +16,7 @@ import httpx
 import structlog
 
 from sdworker.errors import BackendUnavailable, ConfigError
+from sdworker.tls import verify_for
 from sdworker_a1111.failures import error_for
 from sdworker_a1111.settings import A1111Settings
 
@@ -31,7 +32,7 @@ class WebUIClient:
         self.where = str(httpx.URL(root).copy_with(username=None, password=None))
         self.settings = settings
         self.ready = False
-        self._http = httpx.AsyncClient(base_url=root, trust_env=False)
+        self._http = httpx.AsyncClient(base_url=root, trust_env=False, verify=verify_for(root))
         self._recovery: asyncio.Task[list[Any]] | None = None
 
     async def get(self, path: str) -> Any:

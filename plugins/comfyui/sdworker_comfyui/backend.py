@@ -33,6 +33,7 @@ from sdworker.errors import (
     UnsupportedJob,
 )
 from sdworker.telemetry import backend_phase
+from sdworker_comfyui import TASKS
 from sdworker_comfyui.client import ComfyClient
 from sdworker_comfyui.events import EventStream
 from sdworker_comfyui.graph import Target
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TASKS", "ComfyUIBackend"]
 
-TASKS = frozenset({"img2img", "inpaint", "txt2img", "workflow"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # kept out of upload names
 _UNCLAIMED = 500  # events kept for prompt ids not known yet (a submit answer still on its way)
 
