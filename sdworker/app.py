@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 
 import pluggy
-import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
+from sdworker._structlog import structlog
 from sdworker.aws import AwsClients, aws_clients
 from sdworker.backend import Backend
 from sdworker.errors import ConfigError

@@ -9,8 +9,9 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-import structlog
 from opentelemetry import trace
+
+from sdworker._structlog import structlog
 
 _SECRET_KEYS = frozenset({"receipt_handle", "ReceiptHandle", "aws_secret_access_key", "token"})
 _PRESIGNED = re.compile(

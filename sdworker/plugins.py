@@ -12,9 +12,9 @@ from functools import cache
 from typing import Any
 
 import pluggy
-import structlog
 
 from sdworker import hookspecs
+from sdworker._structlog import structlog
 from sdworker.backend import BackendResult, BackendSpec, JobRequest
 from sdworker.errors import ConfigError
 

@@ -9,8 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.telemetry import untraced
 
 if TYPE_CHECKING:  # typing-only stubs: not imported at run time

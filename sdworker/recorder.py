@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sdworker import notifications
+from sdworker._structlog import structlog
 from sdworker.backend import BackendResult
 from sdworker.errors import InvalidJob, JobError
 from sdworker.jobs import Job, message_format

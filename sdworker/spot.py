@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 
 import httpx
-import structlog
 
+from sdworker._structlog import structlog
 from sdworker.settings import Settings
 from sdworker.tls import verify_for
 

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from botocore.exceptions import ClientError
 from PIL import Image
 
+from sdworker._structlog import structlog
 from sdworker.backend import Output
 from sdworker.errors import PermanentError
 from sdworker.jobs import Job

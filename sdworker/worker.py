@@ -9,9 +9,8 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from sdworker import notifications
+from sdworker._structlog import structlog
 from sdworker.backend import (
     Backend,
     BackendResult,

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.backend import BackendResult, JobRequest
 from sdworker.errors import BackendUnavailable, JobError, JobInterrupted, UnsupportedJob
 from sdworker.telemetry import backend_phase

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.errors import BackendUnavailable, PermanentError
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 import httpx
-import structlog
 
+from sdworker._structlog import structlog
 from sdworker.errors import BackendUnavailable, ConfigError
 from sdworker.tls import verify_for
 from sdworker_a1111.failures import error_for

@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.backend import Progress
 from sdworker.errors import JobError
 

@@ -22,8 +22,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.backend import BackendResult, JobRequest, Output
 from sdworker.errors import (
     BackendUnavailable,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import structlog
 
+from sdworker._structlog import structlog
 from sdworker_comfyui.client import ComfyClient
 from sdworker_comfyui.settings import ComfyUISettings
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.backend import BackendResult, JobRequest, ProgressCallback
 from sdworker.errors import UnsupportedJob
 from sdworker_diffusers.engine import Engine, ThreadEngine

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import structlog
-
+from sdworker._structlog import structlog
 from sdworker.backend import ProgressCallback
 from sdworker.errors import BackendUnavailable
 from sdworker.logs import configure_logging, current_logging
