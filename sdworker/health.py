@@ -17,6 +17,7 @@ import asyncio
 import json
 import socket
 import socketserver
+import sys
 import threading
 import time
 import urllib.error
@@ -26,8 +27,12 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from sdworker._structlog import structlog
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+log = structlog.get_logger("sdworker.health")
 
 PROBES = ("healthz", "readyz")
 
@@ -105,6 +110,7 @@ class HealthServer:
         self.port = port
         self._server: _ProbeServer | None = None
         self._thread: threading.Thread | None = None
+        self._scraping = threading.Lock()  # OpenTelemetry's collector is not safe to run twice
 
     def start(self) -> None:
         """Start listening (port 0: any free one, then in `port`); raise OSError if it cannot."""
@@ -128,7 +134,15 @@ class HealthServer:
             self._server = self._thread = None
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
-        """Status, content type and body for a GET of `path`."""
+        """Status, content type and body for a GET of `path`; 500 naming the error if one is
+        raised (it is logged with its traceback)."""
+        try:
+            return self._answer(path)
+        except Exception as error:
+            log.exception("health server: request failed", path=path)
+            return 500, "text/plain; charset=utf-8", f"{type(error).__name__}: {error}".encode()
+
+    def _answer(self, path: str) -> tuple[int, str, bytes]:
         if path in ("/healthz", "/readyz"):
             ok = self.watchdog.alive() if path == "/healthz" else self.watchdog.ready()
             body = json.dumps(self.watchdog.report()).encode()
@@ -136,21 +150,31 @@ class HealthServer:
         if path == "/metrics" and self.registry is not None:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            with self._scraping:
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         why = "metrics are off" if path == "/metrics" else "no such probe: use /healthz or /readyz"
         return 404, "text/plain; charset=utf-8", why.encode()
 
 
 class _ProbeServer(ThreadingHTTPServer):
-    """One thread per request, none kept waiting at exit; IPv6 hosts listen over IPv6."""
+    """One thread per connection, none kept waiting at exit; the address family is the host's
+    (an IPv6 address or name listens over IPv6)."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], health: HealthServer) -> None:
         self.health = health
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        host, port = address
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        self.address_family = found[0][0]
         super().__init__(address, _ProbeHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up early is no news; anything else is logged, not printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            log.exception("health server: connection failed", client=str(client_address))
 
     def server_bind(self) -> None:
         """Bind without `HTTPServer`'s reverse DNS lookup of the host, which can stall start-up."""
@@ -163,7 +187,7 @@ class _ProbeHandler(BaseHTTPRequestHandler):
 
     server: _ProbeServer
     timeout = 10  # a client that stops sending holds its thread no longer than this
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # one request per connection: every answer closes it
 
     def do_GET(self) -> None:
         self._respond(with_body=True)
@@ -176,6 +200,7 @@ class _ProbeHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         if with_body:
             self.wfile.write(body)

@@ -188,6 +188,7 @@ class InputFetcher:
         self._guard = _AddressGuard(allow)
         self._owns_http = http is None
         self._client = http
+        self._closed = False
         self._timeout_s = timeout_s
 
     @classmethod
@@ -208,6 +209,7 @@ class InputFetcher:
 
     async def aclose(self) -> None:
         """Close the HTTP client if this fetcher made it."""
+        self._closed = True
         if self._owns_http and self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -216,6 +218,8 @@ class InputFetcher:
     def _http(self) -> httpx.AsyncClient:
         """The HTTP client, made on the first http(s) input: most jobs' inputs are s3: or data:."""
         if self._client is None:
+            if self._closed:
+                raise RuntimeError("InputFetcher: used after aclose()")
             self._client = _default_http_client()
         return self._client
 

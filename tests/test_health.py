@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from sdworker.aws import AwsClients
@@ -196,6 +198,100 @@ async def test_metrics_are_404_when_metrics_are_off(watched: Watchdog) -> None:
         assert (await asyncio.to_thread(get, f"{_url(server)}/metrics"))[0] == 404
     finally:
         server.stop()
+
+
+def _exchange(server: HealthServer, request: bytes, *, host: str = "127.0.0.1") -> bytes:
+    """Send raw `request` bytes and read everything until the server closes the connection."""
+    with socket.create_connection((host, server.port), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+async def test_head_answers_the_status_and_headers_without_a_body(server: HealthServer) -> None:
+    """HEAD (what some load balancers' checks send) gets GET's status and length, no body."""
+    raw = await asyncio.to_thread(_exchange, server, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head and body == b""
+
+
+async def test_every_answer_closes_its_connection_and_stop_closes_the_port(
+    server: HealthServer,
+) -> None:
+    """A probe's connection ends with its answer (`_exchange` reads to the close), so nothing is
+    left open to answer after `stop()`, which refuses new connections."""
+    raw = await asyncio.to_thread(_exchange, server, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200") and b"Connection: close" in raw
+    server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+
+
+async def test_an_unknown_path_is_404_naming_the_probes(server: HealthServer) -> None:
+    """A typo in a probe's path says which paths there are."""
+    status, body = await asyncio.to_thread(get, f"{_url(server)}/health")
+    assert status == 404 and "/healthz" in body and "/readyz" in body
+
+
+async def test_a_failing_answer_is_a_500_naming_the_error_and_is_logged(
+    watched: Watchdog,
+) -> None:
+    """An exception while answering (here a metrics collector's) is a 500 that names it, and is
+    logged with its traceback rather than printed or dropped with the connection."""
+
+    class Broken:
+        def collect(self) -> Any:
+            raise RuntimeError("collector broke")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    server = HealthServer(watched, registry, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with capture_logs() as logs:
+            status, body = await asyncio.to_thread(get, f"{_url(server)}/metrics")
+    finally:
+        server.stop()
+    assert status == 500 and body == "RuntimeError: collector broke"
+    assert [entry["event"] for entry in logs] == ["health server: request failed"]
+
+
+async def test_a_client_that_resets_its_connection_leaves_no_traceback(
+    server: HealthServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A checker that hangs up mid-request (a TCP reset) is not an error: nothing is printed to
+    stderr, where the worker's JSON logs go, and nothing is logged."""
+    with capture_logs() as logs:
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        connection.sendall(b"GET /healthz HTTP/1.1\r\n")  # the headers never end
+        await eventually(lambda: _async(bool(_request_threads())))  # the server reads them
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()  # linger 0: a reset
+        await eventually(lambda: _async(not _request_threads()))
+    assert logs == [] and "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="this Python has no IPv6")
+async def test_an_ipv6_host_listens_over_ipv6(watched: Watchdog) -> None:
+    """`SDWORKER_HEALTH_HOST=::1` (or `::`, every interface) listens over IPv6."""
+    server = HealthServer(watched, None, host="::1", port=0)
+    try:
+        server.start()
+    except OSError as error:
+        pytest.skip(f"no IPv6 loopback here: {error}")
+    try:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        raw = await asyncio.to_thread(_exchange, server, request, host="::1")
+    finally:
+        server.stop()
+    assert raw.startswith(b"HTTP/1.1 200")
+
+
+def _request_threads() -> list[threading.Thread]:
+    """The health server's per-connection threads still running."""
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
 
 
 async def test_a_taken_health_port_stops_start_up_naming_the_setting(

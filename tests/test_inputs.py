@@ -242,6 +242,17 @@ async def test_allow_listed_host_name_fetches_the_image(
     assert fetched.data == PNG
 
 
+async def test_a_closed_fetcher_says_so_rather_than_opening_a_client_again(
+    server: str, make_fetcher: MakeFetcher
+) -> None:
+    """After `aclose()` an http(s) fetch is a programming error, not a client nobody closes."""
+    fetcher = make_fetcher(allow=["127.0.0.1"])
+    await fetcher.fetch("image", f"{server}/image.png")
+    await fetcher.aclose()
+    with pytest.raises(RuntimeError, match=r"used after aclose"):
+        await fetcher.fetch("image", f"{server}/image.png")
+
+
 async def test_https_keeps_the_host_name_for_tls(
     tls_server: tuple[str, ssl.SSLContext], module_clients: AwsClients
 ) -> None:

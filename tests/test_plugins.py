@@ -122,7 +122,7 @@ def test_the_daemon_leaves_out_what_it_does_not_use() -> None:
     chain never asks it to render), rich stays importable for the CLI, and the health server
     needs no aiohttp server: memory the footprint benchmark counts (docs/performance.md)."""
     script = (
-        "import sys, sdworker.app, sdworker.cli, structlog.dev; "
+        "import sys, sdworker.cli, sdworker.app, structlog.dev; "  # the daemon's order
         "from sdworker.health import HealthServer, Watchdog; "
         "HealthServer(Watchdog(), None, host='127.0.0.1', port=0).start(); "
         "print(structlog.dev.rich is None, 'aiohttp.web' in sys.modules); "
@@ -290,12 +290,16 @@ def _python_prints(script: str) -> str:
     return done.stdout.strip()
 
 
-def test_a_plugin_exports_its_backend_class_on_first_use() -> None:
+@pytest.mark.parametrize(
+    ("package", "name"),
+    [("sdworker_a1111", "A1111Backend"), ("sdworker_comfyui", "ComfyUIBackend")],
+)
+def test_a_plugin_exports_its_backend_class_on_first_use(package: str, name: str) -> None:
     """`from sdworker_a1111 import A1111Backend` works without registration having imported the
     backend; a name the package does not have is an AttributeError that says so."""
     script = (
-        "import sys, sdworker_a1111; before = 'sdworker_a1111.backend' in sys.modules; "
-        "from sdworker_a1111 import A1111Backend; "
-        "print(before, A1111Backend.__module__, hasattr(sdworker_a1111, 'Nope'))"
+        f"import sys, {package}; before = '{package}.backend' in sys.modules; "
+        f"from {package} import {name}; "
+        f"print(before, {name}.__module__, hasattr({package}, 'Nope'))"
     )
-    assert _python_prints(script) == "False sdworker_a1111.backend False"
+    assert _python_prints(script) == f"False {package}.backend False"
