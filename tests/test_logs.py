@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +44,31 @@ def test_json_format_writes_one_object_per_line(capsys: pytest.CaptureFixture[st
     assert first["level"] == "info"
     assert first["timestamp"].endswith("Z")
     assert second["level"] == "warning"
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each `write()` apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_each_line_is_written_whole_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line and its newline go out in one write: the worker and a backend's child process
+    share stderr, and a pipe keeps one write (up to 4 KB) from being split by another's."""
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("json")
+    log = structlog.get_logger("test")
+    log.info("job started", job_id="j-1")
+    log.info("job finished", job_id="j-1")
+    assert [json.loads(call)["event"] for call in stream.calls] == ["job started", "job finished"]
+    assert all(call.endswith("}\n") for call in stream.calls)
 
 
 def test_nothing_goes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
