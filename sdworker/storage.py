@@ -99,9 +99,7 @@ class ResultStore:
         self, location: Location, outputs: Sequence[Output], output_format: str
     ) -> list[StoredOutput]:
         """Upload every output concurrently under `{n}.{ext}` with its content type."""
-        converted = await asyncio.gather(
-            *(asyncio.to_thread(convert, output, output_format) for output in outputs)
-        )
+        converted = await asyncio.gather(*(_converted(output, output_format) for output in outputs))
         return list(
             await asyncio.gather(
                 *(self._put(location, n, output) for n, output in enumerate(converted))
@@ -190,14 +188,26 @@ def fit_for_sns(body: dict[str, Any]) -> str:
     return json.dumps({**body, "info": {"truncated": True, "see": body.get("result")}})
 
 
+async def _converted(output: Output, output_format: str) -> Output:
+    """`convert` on a worker thread when there is an image to re-encode (most jobs: none)."""
+    if not _needs_conversion(output, output_format):
+        return output
+    return await asyncio.to_thread(convert, output, output_format)
+
+
+def _needs_conversion(output: Output, output_format: str) -> bool:
+    target = _FORMATS.get(output_format)
+    return (
+        target is not None
+        and output.content_type != target[1]
+        and output.content_type in {mime for _, mime in _FORMATS.values()}
+    )
+
+
 def convert(output: Output, output_format: str) -> Output:
     """Re-encode a still image into the job's requested format; other outputs pass unchanged."""
     target = _FORMATS.get(output_format)
-    if (
-        target is None
-        or output.content_type == target[1]
-        or output.content_type not in {mime for _, mime in _FORMATS.values()}
-    ):
+    if target is None or not _needs_conversion(output, output_format):
         return output
     with Image.open(io.BytesIO(output.data)) as image:
         if getattr(image, "is_animated", False):
