@@ -14,6 +14,7 @@ samples its vitals; the server only reads what the last tick left. Example:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import socketserver
@@ -164,11 +165,7 @@ class _ProbeServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], health: HealthServer) -> None:
         self.health = health
-        host, port = address
-        found = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        self.address_family = found[0][0]
+        self.address_family = _address_family(*address)
         super().__init__(address, _ProbeHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -180,6 +177,17 @@ class _ProbeServer(ThreadingHTTPServer):
         """Bind without `HTTPServer`'s reverse DNS lookup of the host, which can stall start-up."""
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.health.host, int(self.server_address[1])
+
+
+def _address_family(host: str, port: int) -> socket.AddressFamily:
+    """IPv6 for an IPv6 address, IPv4 for an IPv4 one or "" (every interface); for a name, its
+    first address's. An address is read without the resolver, which costs half a megabyte."""
+    try:
+        version = ipaddress.ip_address(host).version if host else 4
+    except ValueError:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return found[0][0]
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
 
 
 class _ProbeHandler(BaseHTTPRequestHandler):

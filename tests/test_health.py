@@ -289,6 +289,17 @@ async def test_an_ipv6_host_listens_over_ipv6(watched: Watchdog) -> None:
     assert raw.startswith(b"HTTP/1.1 200")
 
 
+async def test_a_host_name_listens_on_its_first_address(watched: Watchdog) -> None:
+    """`SDWORKER_HEALTH_HOST=localhost` listens where the name's first address is."""
+    server = HealthServer(watched, None, host="localhost", port=0)
+    server.start()
+    try:
+        status, _body = await asyncio.to_thread(get, f"http://localhost:{server.port}/healthz")
+    finally:
+        server.stop()
+    assert status == 200
+
+
 def _request_threads() -> list[threading.Thread]:
     """The health server's per-connection threads still running."""
     return [t for t in threading.enumerate() if "process_request_thread" in t.name]
