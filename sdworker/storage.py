@@ -206,9 +206,9 @@ def _needs_conversion(output: Output, output_format: str) -> bool:
 
 def convert(output: Output, output_format: str) -> Output:
     """Re-encode a still image into the job's requested format; other outputs pass unchanged."""
-    target = _FORMATS.get(output_format)
-    if target is None or not _needs_conversion(output, output_format):
+    if not _needs_conversion(output, output_format):
         return output
+    target = _FORMATS[output_format]
     with Image.open(io.BytesIO(output.data)) as image:
         if getattr(image, "is_animated", False):
             return output  # re-encoding would keep one frame of an animation
